@@ -1,0 +1,79 @@
+"""One way to get a SparkSession for every job: master, app name and ``--spark-conf`` pairs.
+
+Library functions take the session as an argument; only the job entry points call
+:func:`session_from_args` and stop what they started.
+"""
+import argparse
+import contextlib
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+_QUIET_LOGGERS = ("py4j", "pyspark")
+
+
+def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the Spark options shared by all jobs to ``parser``."""
+    group = parser.add_argument_group("spark")
+    group.add_argument(
+        "--master", default=None,
+        help="Spark master URL; default: the one spark-submit gives, else the profile's")
+    group.add_argument(
+        "--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+        help="extra Spark setting, repeatable (overrides the profile)")
+
+
+def parse_conf_pairs(pairs) -> dict:
+    """Turns ``["k=v", ...]`` into a dict, rejecting entries without ``=``."""
+    conf = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--spark-conf expects KEY=VALUE, got {pair!r}")
+        conf[key.strip()] = value.strip()
+    return conf
+
+
+def _launcher_master():
+    """The master spark-submit passed to this driver, if it was launched that way."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    from pyspark import SparkConf
+    return SparkConf().get("spark.master", None)
+
+
+def build_session(app_name: str, master=None, conf=None):
+    """Creates (or reuses) a SparkSession.
+
+    The master is, in order: ``master``, the one spark-submit set, ``local[2]``.
+    Executors run the driver's interpreter unless ``PYSPARK_PYTHON`` says otherwise,
+    because workers on another interpreter cannot import this package.
+    """
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    chosen = master or _launcher_master() or "local[2]"
+    builder = SparkSession.builder.appName(app_name).master(chosen)
+    for key, value in (conf or {}).items():
+        builder = builder.config(key, str(value))
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    log.info("Spark %s, master %s, app %s", session.version, chosen, app_name)
+    return session
+
+
+@contextlib.contextmanager
+def session_from_args(args, app_name: str, profile_conf=None):
+    """Context manager giving the session described by parsed job arguments; stops it after."""
+    conf = dict(profile_conf or {})
+    conf.update(parse_conf_pairs(args.spark_conf))
+    session = build_session(app_name, master=args.master, conf=conf)
+    try:
+        yield session
+    finally:
+        session.stop()
