@@ -5,7 +5,7 @@ import logging
 import os
 import time
 
-from mlimages import config, spark
+from mlimages import config, hierarchy, spark
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +16,9 @@ EPILOG = """examples:
 
 class UserError(Exception):
     """A mistake in the job's input or options; reported as one line, without a stack trace."""
+
+
+USER_ERRORS = (UserError, config.ConfigError, hierarchy.HierarchyError, FileNotFoundError)
 
 
 def job_parser(job: str, description: str, example: str) -> argparse.ArgumentParser:
@@ -50,7 +53,7 @@ def run(job: str, args, body) -> int:
         args.master = master
         with spark.session_from_args(args, f"mlimages-{job}", config.spark_conf(profile)) as ss:
             body(ss, profile)
-    except (UserError, config.ConfigError, FileNotFoundError, ValueError) as err:
+    except USER_ERRORS as err:
         log.error("%s failed: %s", job, err)
         return 2
     log.info("%s finished in %.1f s", job, time.time() - started)
