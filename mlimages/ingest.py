@@ -1,0 +1,287 @@
+"""Ingest: annotation files -> ``images/``, ``labels/`` and ``quarantine/`` Parquet tables.
+
+Three published row shapes are read, fields split on any run of whitespace:
+
+* ``URL class:conf ...`` (Open Images files, and the legacy ``train_urls.txt``/``val_urls.txt``
+  whose leading rows are ImageNet images),
+* ``imagenet_id URL class:conf ...`` (``*_urls_and_index_from_imagenet.txt``),
+* ``wnid/wnid_N.JPEG class:conf ...`` (``*_image_id_from_imagenet.txt``).
+
+All parsing runs as Spark SQL expressions on each row (no Python UDF, no shuffle); only the
+merging of keys that occur on several rows needs a shuffle, and only for those keys.
+"""
+import dataclasses
+import logging
+import os
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mlimages import runtime
+
+log = logging.getLogger(__name__)
+
+URL_PATTERN = r"^(?i)https?://\S+$"
+IMAGENET_ID_PATTERN = r"^n[0-9]{8}_[0-9]+$"
+IMAGENET_PATH_PATTERN = r"^(n[0-9]{8})/(n[0-9]{8}_[0-9]+)\.(?i)jpe?g$"
+TERM_LIKE_PATTERN = r"^[0-9]+(:\S*)?$"
+INTEGER_PATTERN = r"^[+-]?[0-9]+$"
+NUMBER_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
+REPLACEMENT_CHAR = "\ufffd"  # what Spark's text reader puts in place of invalid UTF-8
+
+# Row-level reasons: the line yields no image. Term-level reasons: one term is dropped.
+ROW_REASONS = ("non_utf8", "line_too_long", "missing_key", "bad_key", "no_labels")
+TERM_REASONS = ("bad_class", "unknown_class", "bad_confidence", "confidence_out_of_range")
+
+
+@dataclasses.dataclass
+class IngestOptions:
+    max_line_chars: int = 65536
+    # file name -> number of leading rows that come from ImageNet (legacy combined files)
+    imagenet_rows: dict = dataclasses.field(default_factory=dict)
+
+
+def infer_split(path: str, default=None) -> str:
+    """``train`` or ``val`` from an annotation file's name, else ``default``."""
+    name = os.path.basename(path).lower()
+    if name.startswith("val") or "_val" in name or "-val" in name:
+        return "val"
+    if "train" in name:
+        return "train"
+    if default:
+        return default
+    raise runtime.UserError(
+        f"cannot tell whether {path} holds train or val rows from its name; pass --split")
+
+
+def read_numbered_lines(spark: SparkSession, paths):
+    """Lines of the text files with their file path and 1-based line number.
+
+    Returns the DataFrame ``(path, raw, line_number)`` and the list of files read.
+
+    Spark reads a large file as several splits; counting the rows of each split once gives
+    the line number of each split's first row, without funnelling the data through one task.
+    """
+    lines = spark.read.text(paths).select(
+        F.col("value").alias("raw"),
+        F.col("_metadata.file_path").alias("path"),
+        F.col("_metadata.file_block_start").alias("block_start"),
+        F.monotonically_increasing_id().alias("row_id"))
+    blocks = (lines.groupBy("path", "block_start")
+              .agg(F.count("*").alias("rows"), F.min("row_id").alias("first_row_id"))
+              .collect())
+    offsets, next_line = [], {}
+    for block in sorted(blocks, key=lambda b: (b["path"], b["block_start"])):
+        first = next_line.get(block["path"], 1)
+        offsets.append((block["path"], block["block_start"], block["first_row_id"], first))
+        next_line[block["path"]] = first + block["rows"]
+    offsets_frame = spark.createDataFrame(
+        offsets, "path string, block_start long, first_row_id long, first_line long")
+    numbered = (lines.join(F.broadcast(offsets_frame), ["path", "block_start"])
+                .select("path", "raw",
+                        (F.col("first_line") + F.col("row_id") - F.col("first_row_id"))
+                        .alias("line_number")))
+    return numbered, sorted(next_line)
+
+
+def _parse_term(term, num_classes: int):
+    """Struct ``(term, class, confidence, reason)`` for one ``class[:confidence]`` token.
+
+    A bare ``class`` or ``class:`` means confidence 1, as in the upstream files.
+    """
+    class_text = F.substring_index(term, ":", 1)
+    conf_text = F.regexp_extract(term, r"^[^:]*:(.*)$", 1)
+    class_value = class_text.try_cast("long")
+    conf_value = F.when(conf_text == "", F.lit(1.0)).otherwise(conf_text.try_cast("double"))
+    reason = (F.when(~class_text.rlike(INTEGER_PATTERN), "bad_class")
+              .when(class_value.isNull() | (class_value < 0) | (class_value >= num_classes),
+                    "unknown_class")
+              .when((conf_text != "") & ~conf_text.rlike(NUMBER_PATTERN), "bad_confidence")
+              .when((conf_value <= 0) | (conf_value > 1), "confidence_out_of_range"))
+    return F.struct(term.alias("term"), class_value.cast("int").alias("class"),
+                    conf_value.cast("float").alias("confidence"), reason.alias("reason"))
+
+
+def _key_columns(fields):
+    """Key shape of a row: key, url, imagenet_id, index of its first term, or a row reason."""
+    first, second = F.get(fields, 0), F.get(fields, 1)
+    id_and_url = first.rlike(IMAGENET_ID_PATTERN) & F.coalesce(second.rlike(URL_PATTERN),
+                                                               F.lit(False))
+    is_url = first.rlike(URL_PATTERN)
+    is_path = first.rlike(IMAGENET_PATH_PATTERN)
+    is_id = first.rlike(IMAGENET_ID_PATTERN)
+    path_id = F.regexp_extract(first, IMAGENET_PATH_PATTERN, 2)
+    return {
+        "key": (F.when(is_url, first).when(is_path, path_id).when(is_id, first)),
+        "url": F.when(id_and_url, second).when(is_url, first),
+        "imagenet_id": F.when(is_path, path_id).when(is_id, first),
+        "terms_from": F.when(id_and_url, 3).otherwise(2),
+        "key_reason": (F.when(is_url | is_path | is_id, None)
+                       .when(first.rlike(TERM_LIKE_PATTERN), "missing_key")
+                       .otherwise("bad_key")),
+        "shape_is_imagenet": is_path | is_id,
+    }
+
+
+def _dedup_labels(labels):
+    """Sorts label structs by class and keeps the highest confidence of each class."""
+    ordered = F.sort_array(F.transform(
+        labels, lambda x: F.struct(x["class"].alias("class"),
+                                   (-x["confidence"]).alias("neg"))))
+    unique = F.filter(ordered, lambda x, i: (i == 0) | (F.get(ordered, i - 1)["class"]
+                                                         != x["class"]))
+    return F.transform(unique, lambda x: F.struct(x["class"].alias("class"),
+                                                  (-x["neg"]).alias("confidence")))
+
+
+def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
+               split_of: dict) -> DataFrame:
+    """One row per input line: its outcome (``row_reason``), key columns and parsed terms."""
+    text = F.regexp_replace("raw", "^\ufeff", "")
+    trimmed = F.regexp_replace(text, r"^\s+|\s+$", "")
+    fields = F.split(trimmed, r"\s+")
+    keys = _key_columns(F.col("fields"))
+    terms = F.slice("fields", F.col("terms_from"), F.size("fields"))
+    parsed = (lines
+              .withColumn("blank", trimmed == "")
+              .withColumn("fields", fields)
+              .select("*", *[v.alias(k) for k, v in keys.items()])
+              .withColumn("terms", F.transform(terms, lambda t: _parse_term(t, num_classes))))
+    good = F.filter("terms", lambda t: t["reason"].isNull())
+    row_reason = (F.when(F.col("blank"), None)
+                  .when(F.col("raw").contains(REPLACEMENT_CHAR), "non_utf8")
+                  .when(F.length("raw") > options.max_line_chars, "line_too_long")
+                  .when(F.col("key_reason").isNotNull(), F.col("key_reason"))
+                  .when(F.size(good) == 0, "no_labels"))
+    file_name = F.element_at(F.split("path", "/"), -1)
+    return parsed.select(
+        F.col("path").alias("file_path"), file_name.alias("file"), "line_number", "raw", "blank",
+        row_reason.alias("row_reason"), "key", "url", "imagenet_id",
+        F.when(F.col("shape_is_imagenet"), "imagenet")
+        .otherwise(_source(file_name, options)).alias("source"),
+        _split_column(split_of).alias("split"),
+        F.xxhash64("key").alias("image_id"),
+        F.transform(good, lambda t: F.struct(t["class"].alias("class"),
+                                             t["confidence"].alias("confidence")))
+        .alias("all_labels"),
+        F.filter("terms", lambda t: t["reason"].isNotNull()).alias("bad_terms"))
+
+
+def _source(file_name, options: IngestOptions):
+    source = F.lit("openimages")
+    for name, rows in options.imagenet_rows.items():
+        source = F.when((file_name == name) & (F.col("line_number") <= int(rows)),
+                        "imagenet").otherwise(source)
+    return source
+
+
+def _split_column(split_of: dict):
+    column = F.lit(None).cast("string")
+    for path, split in split_of.items():
+        column = F.when(F.col("path") == path, split).otherwise(column)
+    return column
+
+
+IMAGE_COLUMNS = ("image_id", "key", "url", "imagenet_id", "source", "split", "file",
+                 "line_number")
+
+
+def merge_duplicate_keys(kept: DataFrame) -> DataFrame:
+    """One row per image_id: rows sharing a key are merged, keeping each class's best confidence.
+
+    Keys on several rows are rare, so only those rows are shuffled; the others pass through.
+    """
+    repeated = (kept.groupBy("image_id").count().where("count > 1")
+                .select("image_id", (F.col("count") - 1).alias("merged_rows")))
+    singles = (kept.join(repeated, "image_id", "left_anti")
+               .select(*IMAGE_COLUMNS, F.lit(0).alias("merged_rows"),
+                       _dedup_labels(F.col("all_labels")).alias("labels")))
+    first = F.min_by(F.struct(*IMAGE_COLUMNS), "line_number")
+    merged = (kept.join(repeated, "image_id")
+              .groupBy("image_id")
+              .agg(first.alias("first"), F.max("url").alias("any_url"),
+                   F.first("merged_rows").alias("merged_rows"),
+                   F.flatten(F.collect_list("all_labels")).alias("all_labels"))
+              .select(*[F.col(f"first.{c}").alias(c) for c in IMAGE_COLUMNS if c != "url"],
+                      F.coalesce("first.url", "any_url").alias("url"), "merged_rows",
+                      _dedup_labels(F.col("all_labels")).alias("labels")))
+    return singles.unionByName(merged)
+
+
+def quarantine_rows(rows: DataFrame) -> DataFrame:
+    """Row-level entries (the line gave no image) and term-level entries (one term dropped)."""
+    whole = rows.where(F.col("row_reason").isNotNull()).select(
+        "file", "line_number", F.lit("row").alias("level"), F.col("row_reason").alias("reason"),
+        "raw", F.lit(None).cast("string").alias("term"))
+    term_checked = F.col("row_reason").isNull() | (F.col("row_reason") == "no_labels")
+    terms = (rows.where(term_checked & (F.size("bad_terms") > 0))
+             .select("file", "line_number", "raw", F.explode("bad_terms").alias("t"))
+             .select("file", "line_number", F.lit("term").alias("level"),
+                     F.col("t.reason").alias("reason"), "raw", F.col("t.term").alias("term")))
+    return whole.unionByName(terms)
+
+
+def _count_outcomes(rows: DataFrame) -> dict:
+    kept = F.col("row_reason").isNull() & ~F.col("blank")
+    term_checked = kept | (F.col("row_reason") == "no_labels")
+    agg = rows.agg(
+        F.count("*").alias("lines_read"),
+        F.count_if("blank").alias("blank_lines"),
+        F.count_if(kept).alias("rows_kept"),
+        F.sum(F.when(kept, F.size("all_labels") - F.size(_dedup_labels(F.col("all_labels"))))
+              .otherwise(0)).alias("repeated_classes_in_row"),
+        F.sum(F.when(term_checked, F.size("bad_terms")).otherwise(0)).alias("terms_quarantined"),
+    ).first().asDict()
+    by_reason = rows.where(F.col("row_reason").isNotNull()).groupBy("row_reason").count()
+    agg["rows_quarantined"] = {r["row_reason"]: r["count"] for r in by_reason.collect()}
+    return {k: (v or 0) if not isinstance(v, dict) else v for k, v in agg.items()}
+
+
+def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
+               options: IngestOptions, split=None) -> dict:
+    """Parses ``inputs`` and writes ``images/``, ``labels/`` and ``quarantine/`` under ``output``.
+
+    Returns the summary, whose counts satisfy: lines read = images kept + merged duplicate
+    rows + rows quarantined + blank lines.
+    """
+    lines, paths = read_numbered_lines(spark, inputs)
+    if not paths:
+        raise runtime.UserError(f"no annotation lines found in {inputs}")
+    split_of = {path: infer_split(path, split) for path in paths}
+    rows = parse_rows(lines, num_classes, options, split_of)
+    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    kept = rows.where(F.col("row_reason").isNull() & ~F.col("blank"))
+    images = merge_duplicate_keys(kept).persist(StorageLevel.MEMORY_AND_DISK)
+
+    images.drop("labels").write.mode("overwrite").parquet(f"{output}/images")
+    (images.select("image_id", F.explode("labels").alias("l"))
+     .select("image_id", "l.class", "l.confidence")
+     .write.mode("overwrite").parquet(f"{output}/labels"))
+    quarantine_rows(rows).write.mode("overwrite").parquet(f"{output}/quarantine")
+
+    summary = _count_outcomes(rows)
+    written = images.agg(F.count("*").alias("images"), F.sum("merged_rows").alias("merged"),
+                         F.sum(F.size("labels")).alias("labels")).first()
+    summary.update(files=[os.path.basename(p) for p in paths], images=written["images"],
+                   merged_duplicate_rows=int(written["merged"] or 0),
+                   labels=int(written["labels"] or 0))
+    rows.unpersist()
+    images.unpersist()
+    _check_accounting(summary)
+    runtime.write_summary(output, summary)
+    log.info("ingest: %d lines in, %d images and %d labels out, %d rows quarantined %s, "
+             "%d terms quarantined, %d duplicate rows merged, %d blank",
+             summary["lines_read"], summary["images"], summary["labels"],
+             sum(summary["rows_quarantined"].values()), summary["rows_quarantined"],
+             summary["terms_quarantined"], summary["merged_duplicate_rows"],
+             summary["blank_lines"])
+    return summary
+
+
+def _check_accounting(summary: dict) -> None:
+    accounted = (summary["images"] + summary["merged_duplicate_rows"]
+                 + sum(summary["rows_quarantined"].values()) + summary["blank_lines"])
+    if accounted != summary["lines_read"]:
+        raise RuntimeError(f"ingest lost rows: {summary['lines_read']} read, {accounted} "
+                           "accounted for")
