@@ -63,7 +63,8 @@ def _check_links(path, rows):
                 f"(expected {position})")
         if info.wnid in wnid_line:
             raise HierarchyError(
-                f"{path}:{number}: WordNet id {info.wnid} already used on line {wnid_line[info.wnid]}")
+                f"{path}:{number}: WordNet id {info.wnid} already used on line "
+                f"{wnid_line[info.wnid]}")
         wnid_line[info.wnid] = number
     for info, number in rows:
         if info.parent != ROOT_PARENT and not 0 <= info.parent < len(rows):

@@ -28,7 +28,6 @@ IMAGENET_PATH_PATTERN = r"^(n[0-9]{8})/(n[0-9]{8}_[0-9]+)\.(?i)jpe?g$"
 TERM_LIKE_PATTERN = r"^[0-9]+(:\S*)?$"
 INTEGER_PATTERN = r"^[+-]?[0-9]+$"
 NUMBER_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
-REPLACEMENT_CHAR = "\ufffd"  # what Spark's text reader puts in place of invalid UTF-8
 
 # Row-level reasons: the line yields no image. Term-level reasons: one term is dropped.
 ROW_REASONS = ("non_utf8", "line_too_long", "missing_key", "bad_key", "no_labels")
@@ -150,7 +149,7 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
               .withColumn("terms", F.transform(terms, lambda t: _parse_term(t, num_classes))))
     good = F.filter("terms", lambda t: t["reason"].isNull())
     row_reason = (F.when(F.col("blank"), None)
-                  .when(F.col("raw").contains(REPLACEMENT_CHAR), "non_utf8")
+                  .when(~F.is_valid_utf8("raw"), "non_utf8")
                   .when(F.length("raw") > options.max_line_chars, "line_too_long")
                   .when(F.col("key_reason").isNotNull(), F.col("key_reason"))
                   .when(F.size(good) == 0, "no_labels"))

@@ -56,6 +56,11 @@ def run(job: str, args, body) -> int:
     except USER_ERRORS as err:
         log.error("%s failed: %s", job, err)
         return 2
+    except Exception as err:  # Spark reports a missing input as an analysis error
+        if getattr(err, "getCondition", lambda: None)() != "PATH_NOT_FOUND":
+            raise
+        log.error("%s failed: %s", job, str(err).splitlines()[0])
+        return 2
     log.info("%s finished in %.1f s", job, time.time() - started)
     return 0
 

@@ -70,10 +70,14 @@ def build_session(app_name: str, master=None, conf=None):
 @contextlib.contextmanager
 def session_from_args(args, app_name: str, profile_conf=None):
     """Context manager giving the session described by parsed job arguments; stops it after."""
+    from pyspark.sql import SparkSession
+
     conf = dict(profile_conf or {})
     conf.update(parse_conf_pairs(args.spark_conf))
-    session = build_session(app_name, master=args.master, conf=conf)
+    existing = SparkSession.getActiveSession()
+    session = existing or build_session(app_name, master=args.master, conf=conf)
     try:
         yield session
     finally:
-        session.stop()
+        if existing is None:  # a session handed in by the caller is the caller's to stop
+            session.stop()
