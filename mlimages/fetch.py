@@ -195,10 +195,10 @@ class Fetcher:
             return Fetched("blocked", error=str(err))
         except NameResolutionError as err:
             return Fetched("dns_error", error=f"name resolution failed: {err.__cause__}")
+        except NewConnectionError as err:  # before timeouts: urllib3 makes it a subclass
+            return Fetched("connection_error", error=_scrub(str(err), url))
         except (ConnectTimeoutError, ReadTimeoutError, TimeoutError):
             return Fetched("timeout", error="connect or read timed out", retryable=True)
-        except NewConnectionError as err:
-            return Fetched("connection_error", error=_scrub(str(err), url))
         except SSLError as err:
             return Fetched("connection_error", error=f"TLS: {_scrub(str(err), url)}")
         except (ProtocolError, HTTPError, OSError) as err:
