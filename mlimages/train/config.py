@@ -1,4 +1,4 @@
-"""Typed training configuration: dataclass defaults, then a YAML file, then ``key=value`` overrides.
+"""Typed training config: dataclass defaults, then a YAML file, then ``key=value`` overrides.
 
 The defaults are the upstream ``example/train.sh`` and ``example/finetune.sh`` values. The resolved
 config is logged once by rank 0 and saved as ``config.yaml`` beside the checkpoints, where

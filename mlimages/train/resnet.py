@@ -65,7 +65,8 @@ def build_resnet(depth: int = 101, num_classes: int = 11166, bn_momentum: float 
     bn = {"momentum": bn_momentum, "epsilon": bn_epsilon}
     images = keras.Input(shape=(None, None, 3), name="images")
     x = _conv(images, 64, 7, 2, "init.init_conv")
-    for stage, (blocks, channels) in enumerate(zip(BLOCKS[depth], STAGE_CHANNELS)):
+    for stage, blocks in enumerate(BLOCKS[depth]):
+        channels = STAGE_CHANNELS[stage]
         for block in range(blocks):
             first = block == 0
             x = _bottleneck(x, channels, 2 if first else 1, first,
