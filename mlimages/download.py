@@ -77,6 +77,15 @@ def options_from_profile(profile: dict, output_path: str):
     return options, store
 
 
+def replace(options: DownloadOptions, **changes) -> DownloadOptions:
+    """A copy of ``options`` with top-level or ``fetch`` fields changed (``fetch`` by name)."""
+    fetch_names = {f.name for f in dataclasses.fields(FetchOptions)}
+    fetch_changes = {k: changes.pop(k) for k in list(changes) if k in fetch_names}
+    if fetch_changes:
+        changes["fetch"] = dataclasses.replace(options.fetch, **fetch_changes)
+    return dataclasses.replace(options, **changes)
+
+
 def _local(path: str) -> str:
     return path.removeprefix("file://").rstrip("/")
 
@@ -401,7 +410,7 @@ def _files(images) -> int:
 
 
 def summarize(spark, images, manifest, stats: list, elapsed: float, skipped: int,
-              run_id: str, store: storage.StoreOptions) -> dict:
+              run_id: str, store: storage.StoreOptions, rows_in: int = None) -> dict:
     """Counts by status (this run and overall), rates, storage and stand-in facts."""
     from pyspark.sql import functions as F
 
@@ -409,20 +418,24 @@ def summarize(spark, images, manifest, stats: list, elapsed: float, skipped: int
     for task in stats:
         run_counts.update(task["counts"])
     run_bytes = sum(task["bytes"] for task in stats)
-    facts = manifest.agg(
-        F.count("*").alias("rows"),
-        F.countDistinct(F.when(F.col("status") == "ok", F.col("object_key"))).alias("objects"),
-        F.sum(F.when(F.col("status") == "ok", F.col("bytes"))).alias("bytes")).first()
-    by_status = {r["status"]: r["count"] for r in manifest.groupBy("status").count().collect()}
-    by_origin = {r["origin"]: r["count"] for r in
-                 manifest.where(F.col("status") == "ok").groupBy("origin").count().collect()}
-    rows_in = images.count()
+    groups = manifest.groupBy("status", "origin").agg(
+        F.count("*").alias("rows"), F.sum("bytes").alias("bytes")).collect()
+    by_status, by_origin, ok_bytes = Counter(), Counter(), 0
+    for group in groups:
+        by_status[group["status"]] += group["rows"]
+        if group["status"] == "ok":
+            by_origin[group["origin"]] += group["rows"]
+            ok_bytes += group["bytes"] or 0
+    objects = (manifest.where(F.col("status") == "ok").select("object_key").distinct().count()
+               if by_status.get("ok") else 0)
+    rows_out = sum(by_status.values())
+    rows_in = images.count() if rows_in is None else rows_in
     ok_total = by_status.get("ok", 0)
     fetched_ok = run_counts.get("ok", 0)
     return {
         "stage": "download", "run_id": run_id,
-        "rows_in": rows_in, "rows_out": facts["rows"], "unaccounted": rows_in - facts["rows"],
-        "ok": ok_total, "rejected": facts["rows"] - ok_total,
+        "rows_in": rows_in, "rows_out": rows_out, "unaccounted": rows_in - rows_out,
+        "ok": ok_total, "rejected": rows_out - ok_total,
         "counts": dict(sorted(by_status.items())),
         "ok_by_origin": dict(sorted(by_origin.items())),
         "standins_used": by_origin.get("standin", 0),
@@ -431,8 +444,8 @@ def summarize(spark, images, manifest, stats: list, elapsed: float, skipped: int
                      "seconds": round(elapsed, 3),
                      "images_per_s": round(fetched_ok / elapsed, 2) if elapsed else None,
                      "bytes_per_s": round(run_bytes / elapsed) if elapsed else None},
-        "stored_objects": facts["objects"], "stored_bytes": facts["bytes"] or 0,
-        "duplicate_content": ok_total - facts["objects"],
+        "stored_objects": objects, "ok_bytes": ok_bytes,
+        "duplicate_content": ok_total - objects,
         "store": store.public(),
     }
 
@@ -459,8 +472,9 @@ def run_download(spark, images_path: str, output_path: str, options: DownloadOpt
     elapsed = time.time() - started
     attempted = sum(sum(task["counts"].values()) for task in stats)
     manifest = consolidate(spark, images, output_path)
-    summary = summarize(spark, images, manifest, stats, elapsed,
-                        images.count() - attempted, run_id, store)
+    rows_in = images.count()
+    summary = summarize(spark, images, manifest, stats, elapsed, rows_in - attempted, run_id,
+                        store, rows_in)
     _report(summary)
     runtime.write_summary(output_path, summary)
     return summary
