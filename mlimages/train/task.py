@@ -238,7 +238,12 @@ class Trainer:
 
 def train(task: Task, resume: bool = False) -> dict:
     """Runs the task to ``run.max_steps``; returns the final metrics (the same on every rank)."""
-    trainer = Trainer(task, resume)
+    return fit(Trainer(task, resume))
+
+
+def fit(trainer: Trainer) -> dict:
+    """The epoch loop of :func:`train` on a prepared trainer."""
+    task = trainer.task
     c = task.config
     rank, ranks = trainer.rank, trainer.ranks
     if not c.data.train_url:
