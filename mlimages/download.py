@@ -388,8 +388,13 @@ def consolidate(spark, images, output_path: str):
     """Rebuilds ``manifest/`` from the parts: one row per input image, newest first."""
     parts = _parts_frame(spark, f"{output_path.rstrip('/')}/{PARTS}")
     names = [name for name, _ in MANIFEST_COLUMNS]
-    manifest = (latest_rows(parts).select(*names)
-                .join(images.select("image_id"), "image_id", "left_semi"))
+    if parts is None:  # an empty input: an empty manifest with the right schema
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        latest = spark.createDataFrame([], from_arrow_schema(manifest_arrow_schema()))
+    else:
+        latest = latest_rows(parts).select(*names)
+    manifest = latest.join(images.select("image_id"), "image_id", "left_semi")
     target = f"{output_path.rstrip('/')}/{MANIFEST}"
     if not _is_local(target):
         manifest.coalesce(_files(images)).write.mode("overwrite").parquet(target)

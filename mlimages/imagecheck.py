@@ -73,5 +73,9 @@ def _decode(image, max_pixels: int) -> ImageFacts:
         return ImageFacts("too_large", f"{width}x{height} pixels is over the limit of "
                           f"{max_pixels}", fmt, width, height)
     animated = bool(getattr(image, "is_animated", False)) and fmt != "MPO"
+    if fmt in ("JPEG", "MPO"):
+        # Decoding at 1/8 scale still reads every entropy-coded byte (so truncation and damage
+        # are caught) but skips most of the inverse DCT: several times less CPU per photo.
+        image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
     image.load()  # the full decode; raises on truncated or damaged data
     return ImageFacts("ok", None, fmt, width, height, animated)

@@ -218,3 +218,11 @@ def test_job_entry_point(tmp_path, server, python_env):
          "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out2")],
         env=python_env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_empty_input_gives_an_empty_manifest(spark, tmp_path):
+    images = tmp_path / "images"
+    write_images(images, [])
+    summary = download.run_download(spark, str(images), str(tmp_path / "out"), job_options())
+    assert (summary["rows_in"], summary["rows_out"], summary["unaccounted"]) == (0, 0, 0)
+    assert pq.read_table(tmp_path / "out" / "manifest").num_rows == 0
