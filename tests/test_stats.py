@@ -246,3 +246,16 @@ def test_job_without_manifest(run, tmp_path, hierarchy_path, python_env):
     assert written["trainable_threshold"] == 100 and written["trainable_classes"] == 0
     for name in stats.FIGURES.values():
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_empty_run_still_draws(tmp_path):
+    """A run whose labels are empty gives zeros, not a division error or a missing figure."""
+    result = stats.label_stats([], [{"class": 0, "train_images": 0, "val_images": 0}], 1, 100)
+    assert result["avg_tags_per_image"] == 0.0
+    assert result["annotations_per_image"]["split"] == "all"
+    for name, draw in (("a.png", lambda p: stats.plot_images_per_class([], ["x"], p, 6)),
+                       ("b.png", lambda p: stats.plot_annotations_per_image(
+                           result["annotations_per_image"], p))):
+        draw(str(tmp_path / name))
+        with Image.open(tmp_path / name) as image:
+            assert image.size == (1000, 500)
