@@ -341,7 +341,7 @@ def run_dataset(spark: SparkSession, labels_dir: str, download_dir: str, output:
     rows, files, per_split = layout(chosen, options.splits, options)
     summary = dict(counts, joined=joined_count,
                    sampled_out=joined_count - sum(per_split.get(s, 0) for s in options.splits),
-                   files_planned=files, options=_public_options(options))
+                   files_planned=files, options=public_options(options))
     if rows is None:
         raise runtime.UserError(
             f"no image to write: {counts['labelled_images']} labelled images, "
@@ -368,7 +368,7 @@ def run_dataset(spark: SparkSession, labels_dir: str, download_dir: str, output:
     return summary
 
 
-def _public_options(options: DatasetOptions) -> dict:
+def public_options(options: DatasetOptions) -> dict:
     values = dataclasses.asdict(options)
     values["splits"] = list(options.splits)
     if values.get("store"):

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mlimages import dataset, runtime
+from mlimages import dataset, reader, runtime
 
+assert reader.patch_petastorm_thread_pool  # imported for its petastorm fix (make_reader)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
