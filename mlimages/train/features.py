@@ -66,33 +66,42 @@ def _decode(jpeg: bytes, size: int) -> np.ndarray:
 
 
 def _partition_extractor(model_dir: str, image_size: int, batch_size: int):
-    """A mapInPandas function: one model per Python worker, batches of rows to features."""
-    import pandas as pd
-
+    """A mapPartitions function: one model per Python worker, (image_id, image) rows in,
+    (image_id, path, features, error) tuples out, in batches."""
     cache = {}
 
-    def extract(frames):
+    def extract(rows):
         if "model" not in cache:
             import mlimages.train  # noqa: F401  (selects Keras 2 before TensorFlow loads)
             cache["model"] = _feature_model(model_dir)
         extractor = cache["model"]
-        for frame in frames:
-            for start in range(0, len(frame), batch_size):
-                part = frame.iloc[start:start + batch_size]
-                images, ok, features, errors = [], [], [None] * len(part), [None] * len(part)
-                for row, jpeg in enumerate(part["image"]):
-                    try:
-                        images.append(_decode(jpeg, image_size))
-                        ok.append(row)
-                    except (OSError, ValueError, SyntaxError) as err:
-                        errors[row] = f"{type(err).__name__}: {err}"
-                if images:
-                    vectors = extractor(np.stack(images), training=False)[0].numpy()
-                    for row, vector in zip(ok, vectors, strict=True):
-                        features[row] = vector.tolist()
-                yield pd.DataFrame({"image_id": part["image_id"].to_numpy(), "path": None,
-                                    "features": features, "error": errors})
+        batch = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == batch_size:
+                yield from _extract_batch(extractor, batch, image_size)
+                batch = []
+        if batch:
+            yield from _extract_batch(extractor, batch, image_size)
     return extract
+
+
+def _extract_batch(extractor, rows, image_size: int):
+    images, ok, errors = [], [], {}
+    for index, row in enumerate(rows):
+        try:
+            images.append(_decode(bytes(row.image), image_size))
+            ok.append(index)
+        except (OSError, ValueError, SyntaxError) as err:
+            errors[index] = f"{type(err).__name__}: {err}"
+    vectors = {}
+    if images:
+        pooled = extractor(np.stack(images), training=False)[0].numpy()
+        vectors = dict(zip(ok, pooled, strict=True))
+    for index, row in enumerate(rows):
+        vector = vectors.get(index)
+        yield (int(row.image_id), None, None if vector is None else vector.tolist(),
+               errors.get(index))
 
 
 def extract_dataset(spark, model_dir: str, dataset_url: str, output: str,
@@ -102,9 +111,11 @@ def extract_dataset(spark, model_dir: str, dataset_url: str, output: str,
     from pyspark.sql import functions as F
 
     rows = spark.read.parquet(dataset_url).select("image_id", "image")
+    # An RDD map, not mapInPandas: pyspark 4's Arrow UDFs need pyarrow >= 18, and petastorm
+    # pins pyarrow 12.
     schema = "image_id long, path string, features array<float>, error string"
-    result = rows.mapInPandas(_partition_extractor(model_dir, image_size, batch_size), schema)
-    result.write.mode("overwrite").parquet(output)
+    extracted = rows.rdd.mapPartitions(_partition_extractor(model_dir, image_size, batch_size))
+    spark.createDataFrame(extracted, schema).write.mode("overwrite").parquet(output)
     written = spark.read.parquet(output)
     counts = written.agg(F.count("*").alias("images"),
                          F.count("features").alias("extracted")).first().asDict()
