@@ -57,10 +57,15 @@ def section(profile: dict, name: str, cls):
     return cls(**values)
 
 
+def _spark_value(value) -> str:
+    # YAML reads `true` as a Python bool; Spark expects the lower-case word.
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def spark_conf(profile: dict) -> dict:
-    """The ``spark.conf`` mapping of a profile, values as strings."""
+    """The ``spark.conf`` mapping of a profile, values as Spark expects them (strings)."""
     spark = profile.get("spark") or {}
-    return {key: str(value) for key, value in (spark.get("conf") or {}).items()}
+    return {key: _spark_value(value) for key, value in (spark.get("conf") or {}).items()}
 
 
 def spark_master(profile: dict):

@@ -35,8 +35,18 @@ def job_parser(job: str, description: str, example: str) -> argparse.ArgumentPar
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Sends this package's log records to stderr at ``level``.
+
+    The handler sits on the package logger rather than the root logger, because PySpark and
+    test runners may configure the root logger before a job starts.
+    """
+    package = logging.getLogger("mlimages")
+    package.setLevel(level.upper())
+    if not any(getattr(h, "mlimages_handler", False) for h in package.handlers):
+        handler = logging.StreamHandler()
+        handler.mlimages_handler = True
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
 
 
 def run(job: str, args, body) -> int:

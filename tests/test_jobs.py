@@ -1,0 +1,59 @@
+"""The job entry points as users run them: spark-submit, the mlimages command, bad options."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlimages import cli, config
+from mlimages_jobs import labels as labels_job
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+
+
+def test_spark_submit_runs_ingest_then_labels(tmp_path, python_env, hierarchy_path,
+                                              sample_urls_path):
+    out = tmp_path / "run"
+    for job, args in (("ingest", [sample_urls_path]),
+                      ("labels", ["--ingest", str(out / "ingest")])):
+        done = subprocess.run(
+            [SPARK_SUBMIT, "--master", "local[2]", os.path.join(ROOT, "jobs", f"{job}.py"),
+             "--hierarchy", hierarchy_path, "--output", str(out / job), *args],
+            env=python_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        # spark-submit passes the Python driver's stderr on through its own stdout
+        assert f"{job} finished" in done.stdout, done.stdout[-3000:]
+    summary = json.loads((out / "labels" / "_summary.json").read_text())
+    assert (summary["tags_before"], summary["tags_after"]) == (827, 1103)
+
+
+def test_mlimages_command_dispatches(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "ingest" in capsys.readouterr().out
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["labels", "--help"])
+    assert exit_info.value.code == 0
+    assert "spark-submit --master spark://" in capsys.readouterr().out
+
+
+def test_bad_profile_and_spark_conf_are_user_errors(tmp_path, caplog, hierarchy_path):
+    args = ["--ingest", str(tmp_path), "--hierarchy", hierarchy_path,
+            "--output", str(tmp_path / "o")]
+    assert labels_job._main([*args, "--profile", "nowhere"]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("labels:\n  trainable_treshold: 5\n")
+    assert labels_job._main([*args, "--profile", str(bad)]) == 2
+    messages = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert "no profile 'nowhere'" in messages
+    assert "unknown key(s) ['trainable_treshold']" in messages
+
+
+def test_profiles_parse_and_name_known_sections():
+    for name in ("local", "cluster"):
+        profile = config.load_profile(name)
+        assert {"spark", "ingest", "labels"} <= set(profile)
+        assert config.spark_conf(profile)["spark.sql.adaptive.enabled"] == "true"
