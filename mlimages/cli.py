@@ -6,6 +6,8 @@ import sys
 COMMANDS = {
     "ingest": "mlimages_jobs.ingest",
     "labels": "mlimages_jobs.labels",
+    "download": "mlimages_jobs.download",
+    "stats": "mlimages_jobs.stats",
     "demo": "mlimages.demo",
 }
 

@@ -10,7 +10,8 @@ import sys
 
 from pyspark.sql import functions as F
 
-from mlimages import config, hierarchy, ingest, labels, runtime, sources, spark
+from mlimages import (config, download, hierarchy, ingest, labels, runtime, sources, spark,
+                      standin, stats)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,35 @@ def _ingest_and_labels(session, profile, run_dir, hierarchy_path, urls_path):
     return ingested, labelled
 
 
+def _download(session, profile, run_dir):
+    """Fetches the sample's URLs; on a machine without internet, stand-ins fill the gaps."""
+    out = f"{run_dir}/download"
+    options, store = download.options_from_profile(profile, out)
+    # No name is resolved outside loopback: the build machines may reach no DNS server.
+    options = download.replace(options, offline=os.environ.get("MLIMAGES_DEMO_ONLINE") != "1")
+    summary = standin.run_with_standins(session, f"{run_dir}/ingest/images", out, options, store)
+    _print_header("download")
+    web = (summary.get("web") or summary)["counts"]
+    print(f"URLs                {summary['rows_in']}")
+    print(f"fetched from web    {web}")
+    print(f"manifest rows       {summary['rows_out']} (one per URL), ok {summary['ok']}")
+    if summary.get("note"):
+        print(f"NOTE                {summary['note']}")
+    return summary
+
+
+def _stats(session, profile, run_dir, hierarchy_path):
+    out = f"{run_dir}/stats"
+    options = config.section(profile, "stats", stats.StatsOptions)
+    extra = {"manifest": f"{run_dir}/download"}
+    if os.path.isdir(f"{run_dir}/dataset"):
+        extra["dataset"] = f"{run_dir}/dataset"
+    stats.run_stats(session, f"{run_dir}/labels", hierarchy_path, out, options,
+                    ingest_dir=f"{run_dir}/ingest", **extra)
+    _print_header("stats")
+    print(stats.report(out))
+
+
 def run_demo(run_dir: str) -> None:
     hierarchy_path = sources.sample_file(sources.HIERARCHY)
     urls_path = sources.sample_file(sources.TRAIN_URLS_TINY)
@@ -57,6 +87,8 @@ def run_demo(run_dir: str) -> None:
                                   conf=config.spark_conf(profile))
     try:
         _ingest_and_labels(session, profile, run_dir, hierarchy_path, urls_path)
+        _download(session, profile, run_dir)
+        _stats(session, profile, run_dir, hierarchy_path)
     finally:
         session.stop()
     print(f"\nAll tables are under {os.path.abspath(run_dir)}/ (Parquet; see README).")
