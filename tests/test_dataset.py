@@ -194,3 +194,28 @@ def test_job_entry_point_with_a_profile(inputs, tmp_path, python_env):
     assert missing.returncode == 2
     assert "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_explore_notebook_runs_end_to_end(built, inputs, fixture_items, monkeypatch):
+    import nbclient
+    import nbformat
+
+    output, summary = built
+    monkeypatch.setenv("MLIMAGES_DATASET", output)
+    monkeypatch.setenv("MLIMAGES_LABELS", inputs["labels"])
+    monkeypatch.setenv("MLIMAGES_CLASS", "1")
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    notebook = nbformat.read(os.path.join(REPO, "notebooks", "explore.ipynb"), as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": REPO}}).execute()
+    text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
+                     for cell in notebook.cells if cell.cell_type == "code"
+                     for o in cell.get("outputs", []))
+    images = sum(1 for cell in notebook.cells if cell.cell_type == "code"
+                 for o in cell.get("outputs", []) if "image/png" in o.get("data", {}))
+    assert images == 2  # the class-count bars and the sample grid
+    with_class_1 = sum(1 for i in joined_items(fixture_items) if i.expect == "ok"
+                       and 1 in i.classes)
+    assert "class 1 (" in text and f"): {with_class_1} images" in text
+    assert f"{summary['splits']['train']['images']} rows in train" in text
