@@ -155,8 +155,10 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
                   .when(F.size(good) == 0, "no_labels"))
     file_name = F.element_at(F.split("path", "/"), -1)
     return parsed.select(
-        F.col("path").alias("file_path"), file_name.alias("file"), "line_number", "raw", "blank",
-        row_reason.alias("row_reason"), "key", "url", "imagenet_id",
+        file_name.alias("file"), "line_number", "blank", row_reason.alias("row_reason"),
+        # The raw text is kept only where the quarantine needs it: most rows are clean.
+        F.when(row_reason.isNotNull() | F.exists("terms", lambda t: t["reason"].isNotNull()),
+               F.col("raw")).alias("raw"), "key", "url", "imagenet_id",
         F.when(F.col("shape_is_imagenet"), "imagenet")
         .otherwise(_source(file_name, options)).alias("source"),
         _split_column(split_of).alias("split"),
@@ -182,6 +184,7 @@ def _split_column(split_of: dict):
     return column
 
 
+BROADCAST_REPEATED_KEYS = 2_000_000
 IMAGE_COLUMNS = ("image_id", "key", "url", "imagenet_id", "source", "split", "file",
                  "line_number")
 
@@ -192,7 +195,10 @@ def merge_duplicate_keys(kept: DataFrame) -> DataFrame:
     Keys on several rows are rare, so only those rows are shuffled; the others pass through.
     """
     repeated = (kept.groupBy("image_id").count().where("count > 1")
-                .select("image_id", (F.col("count") - 1).alias("merged_rows")))
+                .select("image_id", (F.col("count") - 1).alias("merged_rows"))
+                .persist(StorageLevel.MEMORY_AND_DISK))
+    if repeated.count() <= BROADCAST_REPEATED_KEYS:
+        repeated = F.broadcast(repeated)  # so the kept rows are never shuffled for the joins
     singles = (kept.join(repeated, "image_id", "left_anti")
                .select(*IMAGE_COLUMNS, F.lit(0).alias("merged_rows"),
                        _dedup_labels(F.col("all_labels")).alias("labels")))
