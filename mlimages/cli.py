@@ -8,6 +8,7 @@ COMMANDS = {
     "labels": "mlimages_jobs.labels",
     "download": "mlimages_jobs.download",
     "stats": "mlimages_jobs.stats",
+    "train": "mlimages.train.__main__",
     "demo": "mlimages.demo",
 }
 
