@@ -375,3 +375,36 @@ def public_options(options: DatasetOptions) -> dict:
         values["store"] = {k: v for k, v in values["store"].items()
                            if k not in ("access_key_id", "secret_access_key")}
     return values
+
+
+def describe(output: str, labels_dir: str = None, rows: int = 3) -> str:
+    """A short text report of a built dataset: per split size, files, row groups, a few rows
+    with class names (from ``<labels_dir>/class_counts`` when given). Reads with pyarrow only."""
+    import pyarrow.parquet as pq
+
+    folder = output.removeprefix("file://")
+    names = {}
+    if labels_dir:
+        counts = pq.read_table(os.path.join(labels_dir.removeprefix("file://"), "class_counts"),
+                               columns=["class", "name"]).to_pydict()
+        names = dict(zip(counts["class"], counts["name"], strict=True))
+    lines = []
+    for split in ("train", "val"):
+        facts = folder_facts(os.path.join(folder, split))
+        if not facts:
+            continue
+        table = pq.read_table(os.path.join(folder, split), columns=[
+            "image_id", "height", "width", "classes", "confidences", "source"])
+        lines.append(f"{split}: {table.num_rows} images, {facts['files']} files, "
+                     f"{facts['row_groups']} row groups, {facts['bytes'] / 2**20:.1f} MiB")
+        for row in table.slice(0, rows).to_pylist():
+            labels = ", ".join(f"{names.get(c, c)} ({p:.1f})"
+                               for c, p in zip(row["classes"], row["confidences"], strict=True))
+            lines.append(f"  {row['image_id']} {row['width']}x{row['height']} "
+                         f"{row['source']}: {labels}")
+    rejects = os.path.join(folder, "rejects")
+    if os.path.isdir(rejects):
+        reasons = pq.read_table(rejects, columns=["reason"]).column(0).to_pylist()
+        summary = ", ".join(f"{r} {reasons.count(r)}" for r in sorted(set(reasons)))
+        lines.append(f"rejects: {len(reasons)}" + (f" ({summary})" if reasons else ""))
+    return "\n".join(lines)

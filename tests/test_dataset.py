@@ -219,3 +219,13 @@ def test_explore_notebook_runs_end_to_end(built, inputs, fixture_items, monkeypa
                        and 1 in i.classes)
     assert "class 1 (" in text and f"): {with_class_1} images" in text
     assert f"{summary['splits']['train']['images']} rows in train" in text
+
+
+def test_describe_reports_sizes_files_and_named_labels(built, inputs, class_hierarchy):
+    output, summary = built
+    text = dataset.describe(output, inputs["labels"], rows=2)
+    train = summary["splits"]["train"]
+    assert text.startswith(f"train: {train['images']} images, {train['files']} files, "
+                           f"{train['row_groups']} row groups")
+    assert class_hierarchy.name(1) in text or class_hierarchy.name(2) in text
+    assert f"rejects: {summary['images_rejected']} (" in text
