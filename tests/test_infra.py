@@ -70,6 +70,25 @@ def parsed_job_args(job: str, argv, monkeypatch):
     return seen["args"]
 
 
+def mounts(pod: dict) -> set:
+    return {m["mountPath"] for m in pod.get("volumeMounts", [])}
+
+
+def check_local_paths(path, spec, job: str, args) -> None:
+    """Local paths in the arguments lie on mounted volumes: on the driver for the files only
+    the driver reads or writes (hierarchy, stats report), on the executors too for the rest."""
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    for pod in (spec["driver"], spec["executor"]):
+        assert {m["name"] for m in pod.get("volumeMounts", [])} <= volumes, path
+    driver_only = {"hierarchy"} | ({"output"} if job == "stats" else set())
+    for name, value in vars(args).items():
+        if not isinstance(value, str) or not value.startswith("/") or name == "profile":
+            continue
+        pods = [spec["driver"]] + ([] if name in driver_only else [spec["executor"]])
+        for pod in pods:
+            assert any(value.startswith(m + "/") for m in mounts(pod)), f"{path}: {value}"
+
+
 def test_every_manifest_parses_and_has_a_kind():
     assert MANIFESTS and DOCKERFILES
     kinds = [doc["kind"] for path in MANIFESTS for doc in documents(path)]
@@ -97,12 +116,7 @@ def test_spark_applications_run_existing_jobs_with_valid_arguments(monkeypatch):
         profile = config.load_profile(profile_file)  # exists, and is valid YAML
         assert os.path.dirname(profile_file) == config.CONF_DIR
         assert args.master.startswith("k8s://")
-        mounted = {m["mountPath"] for m in spec["driver"].get("volumeMounts", [])}
-        volumes = {v["name"] for v in spec.get("volumes", [])}
-        assert {m["name"] for m in spec["driver"].get("volumeMounts", [])} <= volumes
-        for value in vars(args).values():  # local files must come from a mounted volume
-            if isinstance(value, str) and value.startswith("/") and value != args.profile:
-                assert any(value.startswith(m + "/") for m in mounted), f"{path}: {value}"
+        check_local_paths(path, spec, job, args)
         # The profile's executor sizing is what the job applies: the manifest must agree.
         conf = config.spark_conf(profile)
         executor = spec["executor"]
