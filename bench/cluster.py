@@ -107,21 +107,23 @@ def main(argv=None) -> int:
     shipped = (build_zip(f"{work_root}/mlimages.zip"), clean_python(f"{OUT}/clean-venv"))
     profile = bench_profile(f"{work_root}/profile.yaml", partitions=8)
 
-    result = {"rows": rows, "load_average_at_start": os.getloadavg()[0], "runs": {}}
+    result = {"rows": rows, "cores_on_machine": os.cpu_count(), "runs": {}}
     for workers in args.workers:
         folder = f"{work_root}/workers_{workers}"
+        load_before = os.getloadavg()[0]
         with StandaloneCluster(f"{folder}/cluster", workers=workers, cores=1,
                                memory="2g") as cluster:
             run = run_jobs(cluster, data, folder, shipped, profile)
         run["body_s"] = round(sum(job["body_s"] for job in run.values()), 1)
         run["rows_per_s"] = round(rows / run["body_s"])
         run["rows_per_s_per_core"] = round(run["rows_per_s"] / workers)
+        # Other work on the machine skews the ratio: keep the load next to each run.
+        run["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
         result["runs"][f"{workers}_workers"] = run
         print(f"{workers} worker(s): {json.dumps(run)}", flush=True)
     if {1, 2} <= set(args.workers):
         one, two = result["runs"]["1_workers"], result["runs"]["2_workers"]
         result["throughput_ratio_2_to_1"] = round(two["rows_per_s"] / one["rows_per_s"], 2)
-    result["load_average_at_end"] = os.getloadavg()[0]
     with open(os.path.join(OUT, f"cluster_{rows}.json"), "w") as handle:
         json.dump(result, handle, indent=2)
     print(json.dumps(result, indent=2))
