@@ -84,19 +84,28 @@ def read_numbered_lines(spark: SparkSession, paths):
     return numbered, sorted(next_line)
 
 
+def _only_chars(text, allowed: str):
+    """True where ``text`` uses only ``allowed`` characters (cheaper than a regex per term)."""
+    return F.translate(text, allowed, "") == ""
+
+
 def _parse_term(term, num_classes: int):
     """Struct ``(term, class, confidence, reason)`` for one ``class[:confidence]`` token.
 
-    A bare ``class`` or ``class:`` means confidence 1, as in the upstream files.
+    A bare ``class`` or ``class:`` means confidence 1, as in the upstream files. The character
+    checks reject what Spark's casts would otherwise accept: ``5.0`` as a class, ``NaN``,
+    ``Infinity`` or ``1d`` as a confidence.
     """
-    class_text = F.substring_index(term, ":", 1)
-    conf_text = F.regexp_extract(term, r"^[^:]*:(.*)$", 1)
+    colon = F.instr(term, ":")
+    class_text = F.when(colon > 0, F.substring_index(term, ":", 1)).otherwise(term)
+    conf_text = F.when(colon > 0, F.substr(term, colon + 1)).otherwise(F.lit(""))
     class_value = class_text.try_cast("long")
     conf_value = F.when(conf_text == "", F.lit(1.0)).otherwise(conf_text.try_cast("double"))
-    reason = (F.when(~class_text.rlike(INTEGER_PATTERN), "bad_class")
-              .when(class_value.isNull() | (class_value < 0) | (class_value >= num_classes),
-                    "unknown_class")
-              .when((conf_text != "") & ~conf_text.rlike(NUMBER_PATTERN), "bad_confidence")
+    reason = (F.when(class_value.isNull() | ~_only_chars(class_text, "0123456789+-"),
+                     "bad_class")
+              .when((class_value < 0) | (class_value >= num_classes), "unknown_class")
+              .when(conf_value.isNull() | ~_only_chars(conf_text, "0123456789.eE+-"),
+                    "bad_confidence")
               .when((conf_value <= 0) | (conf_value > 1), "confidence_out_of_range"))
     return F.struct(term.alias("term"), class_value.cast("int").alias("class"),
                     conf_value.cast("float").alias("confidence"), reason.alias("reason"))
@@ -123,50 +132,62 @@ def _key_columns(fields):
     }
 
 
-def _dedup_labels(labels):
-    """Sorts label structs by class and keeps the highest confidence of each class."""
-    ordered = F.sort_array(F.transform(
-        labels, lambda x: F.struct(x["class"].alias("class"),
-                                   (-x["confidence"]).alias("neg"))))
-    unique = F.filter(ordered, lambda x, i: (i == 0) | (F.get(ordered, i - 1)["class"]
-                                                         != x["class"]))
-    return F.transform(unique, lambda x: F.struct(x["class"].alias("class"),
-                                                  (-x["neg"]).alias("confidence")))
+def with_best_labels(frame: DataFrame, source: str, target: str) -> DataFrame:
+    """Adds ``target``: the ``(class, confidence)`` structs of ``source`` sorted by class, with
+    only the highest confidence of each class.
+
+    The sorted array is materialised as a column first: the filter's lambda looks at the next
+    element, and an expression there would be re-evaluated for every element.
+    """
+    ordered = F.col("_sorted_labels")  # by class, then confidence: the best is last
+    last = F.size(ordered) - 1
+    best = F.filter(ordered, lambda x, i: (i == last)
+                    | (F.get(ordered, i + 1)["class"] != x["class"]))
+    return (frame.withColumn("_sorted_labels", F.sort_array(source))
+            .withColumn(target, best).drop("_sorted_labels"))
 
 
 def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
                split_of: dict) -> DataFrame:
-    """One row per input line: its outcome (``row_reason``), key columns and parsed terms."""
-    text = F.regexp_replace("raw", "^\ufeff", "")
-    trimmed = F.regexp_replace(text, r"^\s+|\s+$", "")
-    fields = F.split(trimmed, r"\s+")
+    """One row per input line: its outcome (``row_reason``), key columns and parsed labels.
+
+    Each derived column is computed once in its own projection and then referenced, so the
+    array functions (which Spark evaluates without code generation) run once per row.
+    """
+    trimmed = F.regexp_replace(F.regexp_replace("raw", "^\ufeff", ""), r"^\s+|\s+$", "")
     keys = _key_columns(F.col("fields"))
     terms = F.slice("fields", F.col("terms_from"), F.size("fields"))
     parsed = (lines
-              .withColumn("blank", trimmed == "")
-              .withColumn("fields", fields)
+              .select("*", (trimmed == "").alias("blank"),
+                      F.split(trimmed, r"\s+").alias("fields"))
               .select("*", *[v.alias(k) for k, v in keys.items()])
-              .withColumn("terms", F.transform(terms, lambda t: _parse_term(t, num_classes))))
-    good = F.filter("terms", lambda t: t["reason"].isNull())
+              .withColumn("terms", F.transform(terms, lambda t: _parse_term(t, num_classes)))
+              .select("*",
+                      F.filter("terms", lambda t: t["reason"].isNull()).alias("good"),
+                      F.filter("terms", lambda t: t["reason"].isNotNull()).alias("bad_terms"))
+              .withColumn("good_labels", F.transform(
+                  "good", lambda t: F.struct(t["class"].alias("class"),
+                                             t["confidence"].alias("confidence")))))
+    parsed = with_best_labels(parsed, "good_labels", "labels")
     row_reason = (F.when(F.col("blank"), None)
                   .when(~F.is_valid_utf8("raw"), "non_utf8")
                   .when(F.length("raw") > options.max_line_chars, "line_too_long")
                   .when(F.col("key_reason").isNotNull(), F.col("key_reason"))
-                  .when(F.size(good) == 0, "no_labels"))
+                  .when(F.size("good") == 0, "no_labels"))
     file_name = F.element_at(F.split("path", "/"), -1)
-    return parsed.select(
-        file_name.alias("file"), "line_number", "blank", row_reason.alias("row_reason"),
+    return parsed.withColumn("row_reason", row_reason).select(
+        file_name.alias("file"), "line_number", "blank", "row_reason",
         # The raw text is kept only where the quarantine needs it: most rows are clean.
-        F.when(row_reason.isNotNull() | F.exists("terms", lambda t: t["reason"].isNotNull()),
+        F.when(F.col("row_reason").isNotNull() | (F.size("bad_terms") > 0),
                F.col("raw")).alias("raw"), "key", "url", "imagenet_id",
         F.when(F.col("shape_is_imagenet"), "imagenet")
         .otherwise(_source(file_name, options)).alias("source"),
         _split_column(split_of).alias("split"),
         F.xxhash64("key").alias("image_id"),
-        F.transform(good, lambda t: F.struct(t["class"].alias("class"),
-                                             t["confidence"].alias("confidence")))
-        .alias("all_labels"),
-        F.filter("terms", lambda t: t["reason"].isNotNull()).alias("bad_terms"))
+        "labels", (F.size("good") - F.size("labels")).alias("repeated_in_row"),
+        F.transform("bad_terms", lambda t: F.struct(t["term"].alias("term"),
+                                                    t["reason"].alias("reason")))
+        .alias("bad_terms"))
 
 
 def _source(file_name, options: IngestOptions):
@@ -200,17 +221,16 @@ def merge_duplicate_keys(kept: DataFrame) -> DataFrame:
     if repeated.count() <= BROADCAST_REPEATED_KEYS:
         repeated = F.broadcast(repeated)  # so the kept rows are never shuffled for the joins
     singles = (kept.join(repeated, "image_id", "left_anti")
-               .select(*IMAGE_COLUMNS, F.lit(0).alias("merged_rows"),
-                       _dedup_labels(F.col("all_labels")).alias("labels")))
+               .select(*IMAGE_COLUMNS, F.lit(0).alias("merged_rows"), "labels"))
     first = F.min_by(F.struct(*IMAGE_COLUMNS), "line_number")
     merged = (kept.join(repeated, "image_id")
               .groupBy("image_id")
               .agg(first.alias("first"), F.max("url").alias("any_url"),
                    F.first("merged_rows").alias("merged_rows"),
-                   F.flatten(F.collect_list("all_labels")).alias("all_labels"))
-              .select(*[F.col(f"first.{c}").alias(c) for c in IMAGE_COLUMNS if c != "url"],
-                      F.coalesce("first.url", "any_url").alias("url"), "merged_rows",
-                      _dedup_labels(F.col("all_labels")).alias("labels")))
+                   F.flatten(F.collect_list("labels")).alias("all_labels")))
+    merged = with_best_labels(merged, "all_labels", "labels").select(
+        *[F.col(f"first.{c}").alias(c) for c in IMAGE_COLUMNS if c != "url"],
+        F.coalesce("first.url", "any_url").alias("url"), "merged_rows", "labels")
     return singles.unionByName(merged)
 
 
@@ -234,8 +254,8 @@ def _count_outcomes(rows: DataFrame) -> dict:
         F.count("*").alias("lines_read"),
         F.count_if("blank").alias("blank_lines"),
         F.count_if(kept).alias("rows_kept"),
-        F.sum(F.when(kept, F.size("all_labels") - F.size(_dedup_labels(F.col("all_labels"))))
-              .otherwise(0)).alias("repeated_classes_in_row"),
+        F.sum(F.when(kept, F.col("repeated_in_row")).otherwise(0))
+        .alias("repeated_classes_in_row"),
         F.sum(F.when(term_checked, F.size("bad_terms")).otherwise(0)).alias("terms_quarantined"),
     ).first().asDict()
     by_reason = rows.where(F.col("row_reason").isNotNull()).groupBy("row_reason").count()
@@ -257,7 +277,7 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     rows = parse_rows(lines, num_classes, options, split_of)
     rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
     kept = rows.where(F.col("row_reason").isNull() & ~F.col("blank"))
-    images = merge_duplicate_keys(kept).persist(StorageLevel.MEMORY_AND_DISK)
+    images = merge_duplicate_keys(kept)
 
     images.drop("labels").write.mode("overwrite").parquet(f"{output}/images")
     (images.select("image_id", F.explode("labels").alias("l"))
@@ -272,7 +292,6 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
                    merged_duplicate_rows=int(written["merged"] or 0),
                    labels=int(written["labels"] or 0))
     rows.unpersist()
-    images.unpersist()
     _check_accounting(summary)
     runtime.write_summary(output, summary)
     log.info("ingest: %d lines in, %d images and %d labels out, %d rows quarantined %s, "

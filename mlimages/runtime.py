@@ -59,7 +59,8 @@ def run(job: str, args, body) -> int:
     started = time.time()
     try:
         profile = config.load_profile(args.profile)
-        master = args.master or config.spark_master(profile)
+        # an explicit --master, then spark-submit's, then the profile's
+        master = args.master or spark.launcher_master() or config.spark_master(profile)
         args.master = master
         with spark.session_from_args(args, f"mlimages-{job}", config.spark_conf(profile)) as ss:
             body(ss, profile)

@@ -36,11 +36,14 @@ def parse_conf_pairs(pairs) -> dict:
     return conf
 
 
-def _launcher_master():
+def launcher_master():
     """The master spark-submit passed to this driver, if it was launched that way."""
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         return None
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
+
+    # SparkConf reads spark-submit's settings from the JVM only once it is connected.
+    SparkContext._ensure_initialized()
     return SparkConf().get("spark.master", None)
 
 
@@ -55,7 +58,7 @@ def build_session(app_name: str, master=None, conf=None):
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    chosen = master or _launcher_master() or "local[2]"
+    chosen = master or launcher_master() or "local[2]"
     builder = SparkSession.builder.appName(app_name).master(chosen)
     for key, value in (conf or {}).items():
         builder = builder.config(key, str(value))

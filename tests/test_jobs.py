@@ -19,12 +19,13 @@ def test_spark_submit_runs_ingest_then_labels(tmp_path, python_env, hierarchy_pa
     for job, args in (("ingest", [sample_urls_path]),
                       ("labels", ["--ingest", str(out / "ingest")])):
         done = subprocess.run(
-            [SPARK_SUBMIT, "--master", "local[2]", os.path.join(ROOT, "jobs", f"{job}.py"),
+            [SPARK_SUBMIT, "--master", "local[1]", os.path.join(ROOT, "jobs", f"{job}.py"),
              "--hierarchy", hierarchy_path, "--output", str(out / job), *args],
             env=python_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         # spark-submit passes the Python driver's stderr on through its own stdout
         assert f"{job} finished" in done.stdout, done.stdout[-3000:]
+        assert "master local[1]," in done.stdout  # spark-submit's master wins over the profile
     summary = json.loads((out / "labels" / "_summary.json").read_text())
     assert (summary["tags_before"], summary["tags_after"]) == (827, 1103)
 
