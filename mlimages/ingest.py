@@ -132,9 +132,10 @@ def _key_columns(fields):
     }
 
 
-def with_best_labels(frame: DataFrame, source: str, target: str) -> DataFrame:
+def with_best_labels(frame: DataFrame, source: str, target: str, unique=None) -> DataFrame:
     """Adds ``target``: the ``(class, confidence)`` structs of ``source`` sorted by class, with
-    only the highest confidence of each class.
+    only the highest confidence of each class. Rows where ``unique`` holds skip the search
+    for repeated classes.
 
     The sorted array is materialised as a column first: the filter's lambda looks at the next
     element, and an expression there would be re-evaluated for every element.
@@ -144,36 +145,76 @@ def with_best_labels(frame: DataFrame, source: str, target: str) -> DataFrame:
     best = F.filter(ordered, lambda x, i: (i == last)
                     | (F.get(ordered, i + 1)["class"] != x["class"]))
     return (frame.withColumn("_sorted_labels", F.sort_array(source))
-            .withColumn(target, best).drop("_sorted_labels"))
+            .withColumn(target, best if unique is None
+                        else F.when(unique, ordered).otherwise(best))
+            .drop("_sorted_labels"))
+
+
+# A term list made only of well-formed `class:confidence` terms, after bare classes got ":1".
+_PLAIN_TERM = r"(?:^|\s)([0-9]{1,9}):([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?=\s|$)"
+_BARE_CLASS = r"(^|\s)([0-9]{1,9}):?(?=\s|$)"
+_BAD_TERMS_TYPE = "array<struct<term:string,reason:string>>"
+
+
+def _plain_terms(frame: DataFrame, num_classes: int) -> DataFrame:
+    """Parses rows whose terms are all well formed and valid with array functions only.
+
+    Spark compiles these to code, unlike per-term lambdas; ``plain`` marks the rows where this
+    parse is complete, and only the other rows go through :func:`_parse_term`.
+    """
+    text = F.regexp_replace(F.array_join("term_texts", " "), _BARE_CLASS, "$1$2:1")
+    return (frame
+            .withColumn("plain_class", F.regexp_extract_all(text, F.lit(_PLAIN_TERM), 1)
+                        .cast("array<int>").alias("class"))
+            .withColumn("plain_conf", F.regexp_extract_all(text, F.lit(_PLAIN_TERM), 2)
+                        .cast("array<float>"))
+            .withColumn("plain", (F.size("term_texts") > 0)
+                        & (F.size("plain_class") == F.size("term_texts"))
+                        & (F.array_max("plain_class") < num_classes)
+                        & (F.array_min("plain_conf") > 0) & (F.array_max("plain_conf") <= 1)))
+
+
+def _labelled_terms(frame: DataFrame, num_classes: int) -> DataFrame:
+    """Adds ``good_labels`` (class, confidence structs) and ``bad_terms`` (term, reason)."""
+    class_col, conf_col = F.col("plain_class"), F.col("plain_conf")
+    plain_labels = F.arrays_zip(class_col.alias("class"), conf_col.alias("confidence"))
+    terms = F.col("terms")
+    return (_plain_terms(frame, num_classes)
+            .withColumn("terms", F.when(~F.col("plain"), F.transform(
+                "term_texts", lambda t: _parse_term(t, num_classes))))
+            .withColumn("good_labels", F.when(F.col("plain"), plain_labels).otherwise(
+                F.transform(F.filter(terms, lambda t: t["reason"].isNull()),
+                            lambda t: F.struct(t["class"].alias("class"),
+                                               t["confidence"].alias("confidence")))))
+            .withColumn("bad_terms", F.when(F.col("plain"), F.array().cast(_BAD_TERMS_TYPE)).otherwise(
+                F.transform(F.filter(terms, lambda t: t["reason"].isNotNull()),
+                            lambda t: F.struct(t["term"].alias("term"),
+                                               t["reason"].alias("reason"))))))
 
 
 def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
                split_of: dict) -> DataFrame:
     """One row per input line: its outcome (``row_reason``), key columns and parsed labels.
 
-    Each derived column is computed once in its own projection and then referenced, so the
-    array functions (which Spark evaluates without code generation) run once per row.
+    Each derived column is computed once in its own projection and then referenced, so no
+    expensive expression runs twice per row.
     """
     trimmed = F.regexp_replace(F.regexp_replace("raw", "^\ufeff", ""), r"^\s+|\s+$", "")
     keys = _key_columns(F.col("fields"))
-    terms = F.slice("fields", F.col("terms_from"), F.size("fields"))
     parsed = (lines
               .select("*", (trimmed == "").alias("blank"),
                       F.split(trimmed, r"\s+").alias("fields"))
               .select("*", *[v.alias(k) for k, v in keys.items()])
-              .withColumn("terms", F.transform(terms, lambda t: _parse_term(t, num_classes)))
-              .select("*",
-                      F.filter("terms", lambda t: t["reason"].isNull()).alias("good"),
-                      F.filter("terms", lambda t: t["reason"].isNotNull()).alias("bad_terms"))
-              .withColumn("good_labels", F.transform(
-                  "good", lambda t: F.struct(t["class"].alias("class"),
-                                             t["confidence"].alias("confidence")))))
-    parsed = with_best_labels(parsed, "good_labels", "labels")
+              .withColumn("term_texts",
+                          F.slice("fields", F.col("terms_from"), F.size("fields"))))
+    parsed = _labelled_terms(parsed, num_classes)
+    unique = F.col("plain") & (F.size(F.array_distinct("plain_class")) == F.size("plain_class"))
+    parsed = with_best_labels(parsed, "good_labels", "labels", unique)
     row_reason = (F.when(F.col("blank"), None)
                   .when(~F.is_valid_utf8("raw"), "non_utf8")
                   .when(F.length("raw") > options.max_line_chars, "line_too_long")
                   .when(F.col("key_reason").isNotNull(), F.col("key_reason"))
-                  .when(F.size("good") == 0, "no_labels"))
+                  .when(F.size("good_labels") == 0, "no_labels"))
     file_name = F.element_at(F.split("path", "/"), -1)
     return parsed.withColumn("row_reason", row_reason).select(
         file_name.alias("file"), "line_number", "blank", "row_reason",
@@ -184,10 +225,8 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
         .otherwise(_source(file_name, options)).alias("source"),
         _split_column(split_of).alias("split"),
         F.xxhash64("key").alias("image_id"),
-        "labels", (F.size("good") - F.size("labels")).alias("repeated_in_row"),
-        F.transform("bad_terms", lambda t: F.struct(t["term"].alias("term"),
-                                                    t["reason"].alias("reason")))
-        .alias("bad_terms"))
+        "labels", (F.size("good_labels") - F.size("labels")).alias("repeated_in_row"),
+        "bad_terms")
 
 
 def _source(file_name, options: IngestOptions):
@@ -274,8 +313,11 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     if not paths:
         raise runtime.UserError(f"no annotation lines found in {inputs}")
     split_of = {path: infer_split(path, split) for path in paths}
-    rows = parse_rows(lines, num_classes, options, split_of)
-    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    # Parsed once into a staging table that every output reads back column by column;
+    # Parquet holds the nested label arrays far more cheaply than Spark's in-memory cache.
+    staging = f"{output}/_staging_rows"
+    parse_rows(lines, num_classes, options, split_of).write.mode("overwrite").parquet(staging)
+    rows = spark.read.parquet(staging)
     kept = rows.where(F.col("row_reason").isNull() & ~F.col("blank"))
     images = merge_duplicate_keys(kept)
 
@@ -291,7 +333,7 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     summary.update(files=[os.path.basename(p) for p in paths], images=written["images"],
                    merged_duplicate_rows=int(written["merged"] or 0),
                    labels=int(written["labels"] or 0))
-    rows.unpersist()
+    _delete_path(spark, staging)
     _check_accounting(summary)
     runtime.write_summary(output, summary)
     log.info("ingest: %d lines in, %d images and %d labels out, %d rows quarantined %s, "
@@ -301,6 +343,14 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
              summary["terms_quarantined"], summary["merged_duplicate_rows"],
              summary["blank_lines"])
     return summary
+
+
+def _delete_path(spark: SparkSession, path: str) -> None:
+    """Deletes a folder through Hadoop's file system API, so any URI Spark writes to works."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(
+        hadoop_path, True)
 
 
 def _check_accounting(summary: dict) -> None:
