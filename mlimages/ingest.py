@@ -178,7 +178,7 @@ def _labelled_terms(frame: DataFrame, num_classes: int) -> DataFrame:
     """Adds ``good_labels`` (class, confidence structs) and ``bad_terms`` (term, reason)."""
     class_col, conf_col = F.col("plain_class"), F.col("plain_conf")
     plain_labels = F.arrays_zip(class_col.alias("class"), conf_col.alias("confidence"))
-    terms = F.col("terms")
+    terms, no_bad_terms = F.col("terms"), F.array().cast(_BAD_TERMS_TYPE)
     return (_plain_terms(frame, num_classes)
             .withColumn("terms", F.when(~F.col("plain"), F.transform(
                 "term_texts", lambda t: _parse_term(t, num_classes))))
@@ -186,7 +186,7 @@ def _labelled_terms(frame: DataFrame, num_classes: int) -> DataFrame:
                 F.transform(F.filter(terms, lambda t: t["reason"].isNull()),
                             lambda t: F.struct(t["class"].alias("class"),
                                                t["confidence"].alias("confidence")))))
-            .withColumn("bad_terms", F.when(F.col("plain"), F.array().cast(_BAD_TERMS_TYPE)).otherwise(
+            .withColumn("bad_terms", F.when(F.col("plain"), no_bad_terms).otherwise(
                 F.transform(F.filter(terms, lambda t: t["reason"].isNotNull()),
                             lambda t: F.struct(t["term"].alias("term"),
                                                t["reason"].alias("reason"))))))
