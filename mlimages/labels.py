@@ -41,10 +41,8 @@ def augment(labels: DataFrame, closure: DataFrame, partitions: int = 0) -> DataF
     return (per_class.groupBy("image_id")
             .agg(pairs.alias("pairs"),
                  F.count_if(F.col("distance") == 0).cast("int").alias("tags_before"))
-            .select("image_id",
-                    F.transform("pairs", lambda p: p["class"]).alias("classes"),
-                    F.transform("pairs", lambda p: p["confidence"]).alias("confidences"),
-                    "tags_before"))
+            .select("image_id", F.col("pairs")["class"].alias("classes"),
+                    F.col("pairs")["confidence"].alias("confidences"), "tags_before"))
 
 
 def explode_image_labels(image_labels: DataFrame) -> DataFrame:
