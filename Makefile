@@ -47,9 +47,15 @@ format: setup ## Rewrite imports and fixable style issues in place
 
 bench: setup ## Benchmarks at full size (long: see README)
 	$(PY) bench/labels.py --rows 17609752
+	$(PY) bench/download.py
+	$(PY) bench/dataset.py
+	$(PY) bench/train.py
 
-bench-small: setup ## Benchmarks at 1M rows
+bench-small: setup ## Benchmarks at small sizes (labels at 1M rows)
 	$(PY) bench/labels.py --rows 1000000
+	$(PY) bench/download.py --small
+	$(PY) bench/dataset.py --small
+	$(PY) bench/train.py --small
 
 dist: setup ## Build the wheel and the --py-files zip a cluster run needs, into dist/
 	$(PY) -m pip wheel -q --no-deps -w dist .

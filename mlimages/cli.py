@@ -7,6 +7,8 @@ COMMANDS = {
     "ingest": "mlimages_jobs.ingest",
     "labels": "mlimages_jobs.labels",
     "download": "mlimages_jobs.download",
+    "dataset": "mlimages_jobs.dataset",
+    "import-tfrecords": "mlimages_jobs.import_tfrecords",
     "stats": "mlimages_jobs.stats",
     "train": "mlimages.train.__main__",
     "demo": "mlimages.demo",

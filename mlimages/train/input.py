@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import tensorflow as tf
 
+from mlimages.reader import patch_petastorm_thread_pool
 from mlimages.runtime import UserError
 from mlimages.train.config import AugmentConfig, DataConfig
 
@@ -60,6 +61,7 @@ def shard_rows(url: str, rank: int, ranks: int, split: str = "") -> int:
     from petastorm import make_batch_reader
 
     column = "split" if split else "image_id"
+    patch_petastorm_thread_pool()  # else a thread-pool reader may count no rows
     try:
         with make_batch_reader(_dataset_url(url), schema_fields=[column], num_epochs=1,
                                shuffle_row_groups=False, cur_shard=rank, shard_count=ranks,
@@ -117,6 +119,7 @@ def petastorm_rows(url: str, rank: int, ranks: int, config: DataConfig, split: s
         cur_shard=rank, shard_count=ranks, transform_spec=spec)
     if split:
         options["predicate"] = in_lambda(["split"], lambda value, want=split: value == want)
+    patch_petastorm_thread_pool()  # else a thread-pool reader may yield no rows
     try:
         reader = make_batch_reader(_dataset_url(url), **options)
     except Exception as err:  # petastorm raises several types for a bad or empty shard
