@@ -89,6 +89,9 @@ def _download(session, profile, run_dir):
     print(f"URLs                {summary['rows_in']}")
     print(f"fetched from web    {web}")
     print(f"manifest rows       {summary['rows_out']} (one per URL), ok {summary['ok']}")
+    # A rerun resumes from the manifest: the origin tells stand-ins from real images.
+    print(f"ok by origin        {summary.get('ok_by_origin')}, "
+          f"skipped (done before) {summary.get('this_run', {}).get('skipped', 0)}")
     if summary.get("note"):
         print(f"NOTE                {summary['note']}")
     return summary
