@@ -173,11 +173,13 @@ def run_duckdb(data: str, work: str, memory: str):
     closure_csv = f"{work}/closure.csv"
     with open(closure_csv, "w") as handle:
         handle.write("class,ancestor\n" + "".join(f"{c},{a}\n" for c, a in pairs))
+    query = DUCKDB_QUERY.format(data=data, out=f"{work}/duckdb.parquet",
+                                max_class=len(parents) - 1)
     script = (
         "import duckdb, sys\n"
         f"con = duckdb.connect(); con.execute(\"SET threads=2; SET memory_limit='{memory}'\")\n"
         f"con.execute(\"CREATE TABLE closure AS SELECT * FROM read_csv('{closure_csv}')\")\n"
-        f"con.execute({DUCKDB_QUERY.format(data=data, out=f'{work}/duckdb.parquet', max_class=len(parents) - 1)!r})\n")
+        f"con.execute({query!r})\n")
     seconds, rss = _run_measured([sys.executable, "-c", script])
     return {"seconds": round(seconds, 1), "peak_rss_gib": round(rss / 2**30, 2)}
 

@@ -315,7 +315,7 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     split_of = {path: infer_split(path, split) for path in paths}
     # Parsed once into a staging table that every output reads back column by column;
     # Parquet holds the nested label arrays far more cheaply than Spark's in-memory cache.
-    staging = f"{output}/_staging_rows"
+    staging = f"{output}/staging_rows"  # removed at the end (Spark skips names with "_")
     parse_rows(lines, num_classes, options, split_of).write.mode("overwrite").parquet(staging)
     rows = spark.read.parquet(staging)
     kept = rows.where(F.col("row_reason").isNull() & ~F.col("blank"))

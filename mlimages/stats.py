@@ -37,11 +37,20 @@ class StatsOptions:
 
 def _read(spark: SparkSession, path: str, what: str) -> DataFrame:
     try:
-        return spark.read.parquet(path)
+        return spark.read.parquet(*([path] if isinstance(path, str) else path))
     except AnalysisException as err:
         if "PATH_NOT_FOUND" in str(err) or "Path does not exist" in str(err):
             raise runtime.UserError(f"{what} not found at {path}") from None
         raise
+
+
+def _split_folders(dataset: str):
+    """The dataset job's split folders (``train/``, ``val/``) when given its output folder."""
+    local = dataset.removeprefix("file://")
+    if "://" in local or not os.path.isdir(local):
+        return dataset
+    splits = [os.path.join(local, s) for s in ("train", "val") if os.path.isdir(f"{local}/{s}")]
+    return splits or dataset
 
 
 def label_totals(image_labels: DataFrame) -> list:
@@ -308,7 +317,8 @@ def run_stats(spark: SparkSession, labels_dir: str, hierarchy_path: str, output:
         manifest = os.path.join(manifest, "manifest")  # the download output folder was given
     stats["download"] = (download_stats(_read(spark, manifest, "download manifest"), images)
                          if manifest else None)
-    stats["dataset"] = (dataset_stats(_read(spark, dataset, "dataset")) if dataset else None)
+    stats["dataset"] = (dataset_stats(_read(spark, _split_folders(dataset), "dataset"))
+                        if dataset else None)
 
     stats["figures"] = dict(FIGURES)
     plot_images_per_class(counts, names, os.path.join(output, FIGURES["images_per_class"]),
