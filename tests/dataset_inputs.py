@@ -104,10 +104,12 @@ def trainable_classes(fixture_items) -> set:
     return {c for c, n in train.items() if n >= TRAINABLE_THRESHOLD}
 
 
-def write_inputs(spark, root: str, fixture_items, class_hierarchy) -> dict:
-    """Writes labels/, download/ (manifest, objects, _store.json) under ``root``."""
+def write_inputs(spark, root: str, fixture_items, class_hierarchy, options=None) -> dict:
+    """Writes labels/, download/ (manifest, _store.json) under ``root``, and the objects to
+    the store ``options`` describe (default: a local folder in download/)."""
     labels_dir, download_dir = os.path.join(root, "labels"), os.path.join(root, "download")
-    options = storage.StoreOptions(backend="local", root=os.path.join(download_dir, "objects"))
+    options = options or storage.StoreOptions(backend="local",
+                                              root=os.path.join(download_dir, "objects"))
     store = storage.open_store(options)
     labels, manifest = [], []
     for item in fixture_items:

@@ -42,6 +42,43 @@ def built(spark, inputs, tmp_path_factory):
     return output, summary
 
 
+def test_images_are_read_from_s3(spark, fixture_items, class_hierarchy, tmp_path, built):
+    """The same inputs with the objects in S3 (moto's server on 127.0.0.1) give the same
+    dataset; credentials reach the executors through the store overrides, never _store.json."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from mlimages import storage
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        endpoint, secrets = f"http://{host}:{port}", {
+            "access_key_id": "testing", "secret_access_key": "testing"}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing"
+                     ).create_bucket(Bucket="images")
+        store = storage.StoreOptions(backend="s3", bucket="images", endpoint_url=endpoint,
+                                     region="us-east-1", **secrets)
+        paths = dataset_inputs.write_inputs(spark, str(tmp_path), fixture_items,
+                                            class_hierarchy, store)
+        assert "testing" not in open(f"{paths['download']}/_store.json").read()
+        summary = dataset.run_dataset(spark, paths["labels"], paths["download"],
+                                      str(tmp_path / "out"), options(store=secrets))
+    finally:
+        moto.stop()
+    local = built[1]
+    for key in ("joined", "images_written", "images_rejected", "rejected_by_reason"):
+        assert summary[key] == local[key], key
+    from_s3 = pq.read_table(str(tmp_path / "out" / "train"), columns=["image_id", "image"])
+    from_local = pq.read_table(os.path.join(built[0], "train"), columns=["image_id", "image"])
+    def by_id(table):
+        return dict(zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True))
+
+    assert by_id(from_s3) == by_id(from_local)
+
+
 def joined_items(fixture_items):
     return [i for i in fixture_items if i.labelled and i.manifest == "ok"]
 
