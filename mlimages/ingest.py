@@ -54,22 +54,31 @@ def infer_split(path: str, default=None) -> str:
         f"cannot tell whether {path} holds train or val rows from its name; pass --split")
 
 
-def read_numbered_lines(spark: SparkSession, paths):
-    """Lines of the text files with their file path and 1-based line number.
+def read_lines(spark: SparkSession, paths) -> DataFrame:
+    """Lines of the text files with where they come from: ``raw, path, block_start, row_id``.
 
-    Returns the DataFrame ``(path, raw, line_number)`` and the list of files read.
-
-    Spark reads a large file as several splits; counting the rows of each split once gives
-    the line number of each split's first row, without funnelling the data through one task.
+    ``row_id`` grows by one per line within a file split; :func:`with_line_numbers` turns
+    these into line numbers once the lines have been parsed and staged.
     """
-    lines = spark.read.text(paths).select(
+    return spark.read.text(paths).select(
         F.col("value").alias("raw"),
         F.col("_metadata.file_path").alias("path"),
         F.col("_metadata.file_block_start").alias("block_start"),
         F.monotonically_increasing_id().alias("row_id"))
-    blocks = (lines.groupBy("path", "block_start")
+
+
+def with_line_numbers(spark: SparkSession, rows: DataFrame) -> DataFrame:
+    """Adds the 1-based ``line_number`` of each row in its file.
+
+    Spark reads a large file as several splits; counting the rows of each split once gives
+    the line number of each split's first row, without funnelling the data through one task.
+    The count reads only the staged position columns, not the text again.
+    """
+    blocks = (rows.groupBy("path", "block_start")
               .agg(F.count("*").alias("rows"), F.min("row_id").alias("first_row_id"))
               .collect())
+    if not blocks:
+        raise runtime.UserError("no annotation lines found in the input files")
     offsets, next_line = [], {}
     for block in sorted(blocks, key=lambda b: (b["path"], b["block_start"])):
         first = next_line.get(block["path"], 1)
@@ -77,11 +86,10 @@ def read_numbered_lines(spark: SparkSession, paths):
         next_line[block["path"]] = first + block["rows"]
     offsets_frame = spark.createDataFrame(
         offsets, "path string, block_start long, first_row_id long, first_line long")
-    numbered = (lines.join(F.broadcast(offsets_frame), ["path", "block_start"])
-                .select("path", "raw",
-                        (F.col("first_line") + F.col("row_id") - F.col("first_row_id"))
-                        .alias("line_number")))
-    return numbered, sorted(next_line)
+    line_number = F.col("first_line") + F.col("row_id") - F.col("first_row_id")
+    return (rows.join(F.broadcast(offsets_frame), ["path", "block_start"])
+            .withColumn("line_number", line_number)
+            .drop("first_line", "first_row_id", "row_id", "block_start"))
 
 
 def _only_chars(text, allowed: str):
@@ -196,6 +204,9 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
                split_of: dict) -> DataFrame:
     """One row per input line: its outcome (``row_reason``), key columns and parsed labels.
 
+    ``split_of`` maps file names to their split. The line number, and the source that
+    depends on it, come later (:func:`with_line_numbers`, :func:`with_source`).
+
     Each derived column is computed once in its own projection and then referenced, so no
     expensive expression runs twice per row.
     """
@@ -217,30 +228,32 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
                   .when(F.size("good_labels") == 0, "no_labels"))
     file_name = F.element_at(F.split("path", "/"), -1)
     return parsed.withColumn("row_reason", row_reason).select(
-        file_name.alias("file"), "line_number", "blank", "row_reason",
+        "path", "block_start", "row_id", file_name.alias("file"), "blank", "row_reason",
         # The raw text is kept only where the quarantine needs it: most rows are clean.
         F.when(F.col("row_reason").isNotNull() | (F.size("bad_terms") > 0),
                F.col("raw")).alias("raw"), "key", "url", "imagenet_id",
-        F.when(F.col("shape_is_imagenet"), "imagenet")
-        .otherwise(_source(file_name, options)).alias("source"),
-        _split_column(split_of).alias("split"),
+        "shape_is_imagenet", _split_column(file_name, split_of).alias("split"),
         F.xxhash64("key").alias("image_id"),
         "labels", (F.size("good_labels") - F.size("labels")).alias("repeated_in_row"),
         "bad_terms")
 
 
-def _source(file_name, options: IngestOptions):
+def with_source(rows: DataFrame, options: IngestOptions) -> DataFrame:
+    """``source``: ``imagenet`` for ImageNet keys and for the leading rows of the legacy
+    combined files (``options.imagenet_rows``), else ``openimages``."""
     source = F.lit("openimages")
-    for name, rows in options.imagenet_rows.items():
-        source = F.when((file_name == name) & (F.col("line_number") <= int(rows)),
+    for name, count in options.imagenet_rows.items():
+        source = F.when((F.col("file") == name) & (F.col("line_number") <= int(count)),
                         "imagenet").otherwise(source)
-    return source
+    return (rows.withColumn("source", F.when(F.col("shape_is_imagenet"), "imagenet")
+                            .otherwise(source))
+            .drop("shape_is_imagenet"))
 
 
-def _split_column(split_of: dict):
+def _split_column(file_name, split_of: dict):
     column = F.lit(None).cast("string")
-    for path, split in split_of.items():
-        column = F.when(F.col("path") == path, split).otherwise(column)
+    for name, split in split_of.items():
+        column = F.when(file_name == name, split).otherwise(column)
     return column
 
 
@@ -309,15 +322,16 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     Returns the summary, whose counts satisfy: lines read = images kept + merged duplicate
     rows + rows quarantined + blank lines.
     """
-    lines, paths = read_numbered_lines(spark, inputs)
-    if not paths:
-        raise runtime.UserError(f"no annotation lines found in {inputs}")
-    split_of = {path: infer_split(path, split) for path in paths}
+    files = sorted(spark.read.text(inputs).inputFiles())
+    if not files:
+        raise runtime.UserError(f"no annotation files found in {inputs}")
+    split_of = {os.path.basename(f): infer_split(f, split) for f in files}
     # Parsed once into a staging table that every output reads back column by column;
     # Parquet holds the nested label arrays far more cheaply than Spark's in-memory cache.
     staging = f"{output}/staging_rows"  # removed at the end (Spark skips names with "_")
-    parse_rows(lines, num_classes, options, split_of).write.mode("overwrite").parquet(staging)
-    rows = spark.read.parquet(staging)
+    parsed = parse_rows(read_lines(spark, inputs), num_classes, options, split_of)
+    parsed.write.mode("overwrite").parquet(staging)
+    rows = with_source(with_line_numbers(spark, spark.read.parquet(staging)), options)
     kept = rows.where(F.col("row_reason").isNull() & ~F.col("blank"))
     images = merge_duplicate_keys(kept)
 
@@ -330,7 +344,7 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     summary = _count_outcomes(rows)
     written = images.agg(F.count("*").alias("images"), F.sum("merged_rows").alias("merged"),
                          F.sum(F.size("labels")).alias("labels")).first()
-    summary.update(files=[os.path.basename(p) for p in paths], images=written["images"],
+    summary.update(files=sorted(split_of), images=written["images"],
                    merged_duplicate_rows=int(written["merged"] or 0),
                    labels=int(written["labels"] or 0))
     _delete_path(spark, staging)
