@@ -26,8 +26,6 @@ URL_PATTERN = r"^(?i)https?://\S+$"
 IMAGENET_ID_PATTERN = r"^n[0-9]{8}_[0-9]+$"
 IMAGENET_PATH_PATTERN = r"^(n[0-9]{8})/(n[0-9]{8}_[0-9]+)\.(?i)jpe?g$"
 TERM_LIKE_PATTERN = r"^[0-9]+(:\S*)?$"
-INTEGER_PATTERN = r"^[+-]?[0-9]+$"
-NUMBER_PATTERN = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 
 # Row-level reasons: the line yields no image. Term-level reasons: one term is dropped.
 ROW_REASONS = ("non_utf8", "line_too_long", "missing_key", "bad_key", "no_labels")
@@ -342,11 +340,12 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     quarantine_rows(rows).write.mode("overwrite").parquet(f"{output}/quarantine")
 
     summary = _count_outcomes(rows)
-    written = images.agg(F.count("*").alias("images"), F.sum("merged_rows").alias("merged"),
-                         F.sum(F.size("labels")).alias("labels")).first()
+    # Counted from the written tables: recounting `images` would redo the merge.
+    written = (spark.read.parquet(f"{output}/images")
+               .agg(F.count("*").alias("images"), F.sum("merged_rows").alias("merged")).first())
     summary.update(files=sorted(split_of), images=written["images"],
                    merged_duplicate_rows=int(written["merged"] or 0),
-                   labels=int(written["labels"] or 0))
+                   labels=spark.read.parquet(f"{output}/labels").count())
     _delete_path(spark, staging)
     _check_accounting(summary)
     runtime.write_summary(output, summary)

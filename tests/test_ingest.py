@@ -79,6 +79,11 @@ def test_row_level_quarantine_keeps_raw_line(messy_run):
         (6, "non_utf8", None), (7, "line_too_long", None), (8, "missing_key", None),
         (9, "bad_key", None), (10, "bad_key", None), (15, "no_labels", None),
         (16, "no_labels", None)]
+    reasons = {r["level"]: set() for r in tables["quarantine"].collect()}
+    for r in tables["quarantine"].collect():
+        reasons[r["level"]].add(r["reason"])
+    assert reasons["row"] <= set(ingest.ROW_REASONS)
+    assert reasons["term"] <= set(ingest.TERM_REASONS)
     raw = tables["quarantine"].where("line_number = 9").first()["raw"]
     assert raw == "ftp://a.example/6.jpg 5:1"
 
