@@ -12,8 +12,13 @@ Importing this module also works around a petastorm 0.13.1 race (see
 """
 import contextlib
 import logging
+import re
 
 import numpy as np
+import petastorm.reader
+import pyarrow as pa
+import pyarrow.compute as pc
+from petastorm.arrow_reader_worker import ArrowReaderWorker, convert_arrow_table_to_numpy_dict
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +41,6 @@ def patch_petastorm_thread_pool() -> None:
     with no rows (seen here in about a third of one-epoch reads). Asking the ventilator first
     closes the gap: once it is finished, every item is already counted in the workers' tallies.
     """
-    import petastorm.reader
     from petastorm.workers_pool.thread_pool import ThreadPool
 
     if getattr(petastorm.reader.ThreadPool, "_mlimages_fixed", False):
@@ -55,26 +59,99 @@ def patch_petastorm_thread_pool() -> None:
 patch_petastorm_thread_pool()
 
 
-def pad_labels(max_labels: int):
-    """A petastorm TransformSpec function padding ``classes``/``confidences`` to ``max_labels``.
+LABEL_PADDING = {"classes": (np.int32, PAD_CLASS), "confidences": (np.float32, 0.0)}
+AUTO = -1
+REMOTE_READER_THREADS = 4
 
-    ``make_batch_reader`` cannot hand variable-length lists to TensorFlow; padding with class
-    -1 (confidence 0) keeps the Parquet lists plain. An image with more labels is an error,
-    never silently truncated.
+
+def padded(lists, max_labels: int, dtype, fill) -> np.ndarray:
+    """An Arrow list column -> ``[rows, max_labels]`` array padded with ``fill``.
+
+    More labels than ``max_labels`` is an error, never a silent truncation.
     """
-    def transform(frame):
-        frame["classes"] = [_pad(c, max_labels, np.int32, PAD_CLASS) for c in frame["classes"]]
-        frame["confidences"] = [_pad(c, max_labels, np.float32, 0.0)
-                                for c in frame["confidences"]]
-        return frame
-    return transform
+    if isinstance(lists, pa.ChunkedArray):
+        lists = lists.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest > max_labels:
+        raise ValueError(f"an image has {longest} labels, more than max_labels={max_labels}")
+    out = np.full((len(lengths), max_labels), fill, dtype)
+    out[np.arange(max_labels) < lengths[:, None]] = pc.list_flatten(lists).to_numpy(
+        zero_copy_only=False)
+    return out
 
 
-def _pad(values, length: int, dtype, fill):
-    values = np.asarray(values, dtype=dtype)
-    if len(values) > length:
-        raise ValueError(f"an image has {len(values)} labels, more than max_labels={length}")
-    return np.pad(values, (0, length - len(values)), constant_values=fill)
+class PaddedLabelsWorker(ArrowReaderWorker):
+    """Petastorm's batch worker, reading a row group straight from Arrow into numpy.
+
+    ``make_batch_reader`` needs equal-length lists, and its ``TransformSpec`` route converts
+    every row group to pandas and back, copying each image twice more. This worker pads the
+    label lists from the Arrow buffers instead, and can keep only the rows of one split.
+    Subclassed per reader by :func:`open_reader` (``max_labels``, ``split``).
+    """
+    max_labels = DEFAULT_MAX_LABELS
+    split = ""
+
+    def _load_rows(self, pq_file, piece, shuffle_row_drop_range):
+        names = list(self._schema.fields)
+        split = self.split if "split" in pq_file.schema_arrow.names else ""  # as count_rows
+        extra = ["split"] if split and "split" not in names else []
+        table = pq_file.read_row_group(piece.row_group, columns=names + extra, use_threads=False)
+        if split:
+            table = table.filter(pc.equal(table["split"], split)).drop(extra)
+        if table.num_rows == 0:
+            return {}  # nothing is published for this row group
+        lists = [name for name in names if name in LABEL_PADDING]
+        rows = convert_arrow_table_to_numpy_dict(table.drop(lists), self._schema)
+        for name in lists:
+            dtype, fill = LABEL_PADDING[name]
+            rows[name] = padded(table[name], self.max_labels, dtype, fill)
+        if self._shuffle_rows:  # in numpy: images move as pointers, not as bytes
+            order = self._rng.permutation(table.num_rows)
+            rows = {name: column[order] for name, column in rows.items()}
+        return rows
+
+
+def reader_threads(dataset_url: str, workers_count: int) -> int:
+    """``AUTO``: 0 (read on the caller's thread) for local files, threads for object stores,
+    where a row group's latency must overlap with decoding."""
+    if workers_count != AUTO:
+        return workers_count
+    return 0 if dataset_url.startswith(("file://", "/")) else REMOTE_READER_THREADS
+
+
+def open_reader(dataset_url: str, fields, *, max_labels: int = DEFAULT_MAX_LABELS,
+                split: str = "", shard: int = None, num_shards: int = None,
+                num_epochs: int = 1, shuffle: bool = False, seed: int = None,
+                workers_count: int = AUTO):
+    """A petastorm batch ``Reader`` of ``fields`` with ``classes``/``confidences`` padded to
+    ``max_labels`` (class -1, confidence 0), ready for ``make_petastorm_dataset``.
+
+    ``split``: keep only rows of that split. ``shuffle``: row groups and the rows inside each.
+    ``workers_count``: reader threads; 0 reads on the consuming thread.
+    """
+    from petastorm.cache import NullCache
+    from petastorm.fs_utils import get_filesystem_and_path_or_paths
+    from petastorm.reader import Reader, normalize_dataset_url_or_urls
+    from petastorm.transform import TransformSpec
+    from petastorm.workers_pool.dummy_pool import DummyPool
+
+    url = normalize_dataset_url_or_urls(dataset_url)
+    filesystem, path = get_filesystem_and_path_or_paths(url)
+    threads = reader_threads(url, workers_count)
+    # The worker shuffles rows itself: a pool told to shuffle polls its queues without blocking.
+    pool = petastorm.reader.ThreadPool(threads, shuffle_rows=False) if threads else DummyPool()
+    worker = type("PaddedLabelsWorker", (PaddedLabelsWorker,),
+                  {"max_labels": max_labels, "split": split})
+    spec = TransformSpec(edit_fields=[
+        (name, dtype, (max_labels,), False) for name, (dtype, _) in LABEL_PADDING.items()
+        if name in fields])
+    # Field names are whole-name patterns; petastorm warns that it once matched prefixes.
+    exact = [f"^{re.escape(name)}$" for name in fields]
+    return Reader(filesystem, path, schema_fields=exact, worker_class=worker,
+                  reader_pool=pool, seed=seed, shuffle_rows=shuffle, shuffle_row_groups=shuffle,
+                  num_epochs=num_epochs, cur_shard=shard, shard_count=num_shards,
+                  cache=NullCache(), transform_spec=spec, is_batched_reader=True)
 
 
 def dense_labels(classes, confidences, num_classes: int, soft: bool):
@@ -86,6 +163,18 @@ def dense_labels(classes, confidences, num_classes: int, soft: bool):
     values = tf.boolean_mask(confidences, keep) if soft else tf.ones_like(
         tf.boolean_mask(confidences, keep))
     return tf.scatter_nd(indices, values, [num_classes])
+
+
+def dense_label_batch(classes, confidences, num_classes: int):
+    """Padded sparse labels of a batch ``[B, L]`` -> ``[B, num_classes]`` float32, in one
+    scatter (``confidences`` None: multi-hot)."""
+    import tensorflow as tf
+
+    slots = tf.where(classes >= 0)
+    indices = tf.stack([slots[:, 0], tf.cast(tf.gather_nd(classes, slots), tf.int64)], 1)
+    values = (tf.ones([tf.shape(slots)[0]], tf.float32) if confidences is None
+              else tf.gather_nd(confidences, slots))
+    return tf.scatter_nd(indices, values, tf.stack([tf.shape(classes, tf.int64)[0], num_classes]))
 
 
 def train_image(jpeg, image_size: int):
@@ -124,7 +213,7 @@ def make_tf_dataset(dataset_url: str, batch_size: int, num_classes: int,
                     image_size: int = 224, training: bool = True, shard: int = None,
                     num_shards: int = None, soft_labels: bool = False,
                     max_labels: int = DEFAULT_MAX_LABELS, num_epochs: int = None,
-                    shuffle_buffer: int = 2048, workers_count: int = 4, seed: int = None,
+                    shuffle_buffer: int = 2048, workers_count: int = AUTO, seed: int = None,
                     parallel_calls: int = None, with_ids: bool = False):
     """Yields a ``tf.data.Dataset`` of ``(images, labels)`` batches (``(ids, images, labels)``
     with ``with_ids``) read from the Petastorm dataset of one split at ``dataset_url``.
@@ -134,32 +223,34 @@ def make_tf_dataset(dataset_url: str, batch_size: int, num_classes: int,
     a final partial batch. The reader stops when the ``with`` block ends.
     """
     import tensorflow as tf
-    from petastorm import make_batch_reader
     from petastorm.tf_utils import make_petastorm_dataset
-    from petastorm.transform import TransformSpec
 
     if num_epochs is None and not training:
         num_epochs = 1
-    spec = TransformSpec(pad_labels(max_labels), edit_fields=[
-        ("classes", np.int32, (max_labels,), False),
-        ("confidences", np.float32, (max_labels,), False)])
-    fields = ["image_id", "image", "classes", "confidences"]
-    with make_batch_reader(
-            dataset_url, schema_fields=fields, transform_spec=spec, num_epochs=num_epochs,
-            shuffle_row_groups=training, shuffle_rows=training, seed=seed,
-            cur_shard=shard, shard_count=num_shards, workers_count=workers_count) as reader:
+    fields = (["image_id"] if with_ids else []) + ["image", "classes"] + (
+        ["confidences"] if soft_labels else [])
+    with open_reader(dataset_url, fields, max_labels=max_labels, shard=shard,
+                     num_shards=num_shards, num_epochs=num_epochs, shuffle=training, seed=seed,
+                     workers_count=workers_count) as reader:
         calls = parallel_calls or tf.data.AUTOTUNE
 
         def prepare(row):
             jpeg = row.image
             image = train_image(jpeg, image_size) if training else eval_image(jpeg, image_size)
-            labels = dense_labels(row.classes, row.confidences, num_classes, soft_labels)
-            return (row.image_id, image, labels) if with_ids else (image, labels)
+            labels = (row.classes, row.confidences) if soft_labels else (row.classes,)
+            return ((row.image_id,) if with_ids else ()) + (image,) + labels
 
-        rows = make_petastorm_dataset(reader).unbatch()
+        def labelled(*batch):
+            sparse = batch[-2:] if soft_labels else (batch[-1], None)
+            dense = dense_label_batch(*sparse, num_classes)
+            return batch[:2] + (dense,) if with_ids else (batch[0], dense)
+
+        # A prefetched row group keeps the reader's Python work off the decoders' path.
+        rows = make_petastorm_dataset(reader).prefetch(2).unbatch()
         if training:
             rows = rows.shuffle(shuffle_buffer, seed=seed)
         batches = (rows.map(prepare, num_parallel_calls=calls)
                    .batch(batch_size, drop_remainder=training)
+                   .map(labelled)
                    .prefetch(tf.data.AUTOTUNE))
         yield batches

@@ -105,13 +105,49 @@ def test_train_crop_covers_at_least_the_upstream_area():
         assert image.shape == (64, 64, 3)
 
 
-def test_too_many_labels_is_an_error_not_a_truncation():
-    transform = reader.pad_labels(3)
-    import pandas as pd
+def test_label_lists_are_padded_from_arrow():
+    import pyarrow as pa
 
-    frame = pd.DataFrame({"classes": [[1, 2, 3, 4]], "confidences": [[1.0] * 4]})
+    lists = pa.chunked_array([[[3, 1], None], [[], [7, 8, 9]]], pa.list_(pa.int32()))
+    out = reader.padded(lists, 4, np.int32, -1)
+    assert out.dtype == np.int32
+    assert out.tolist() == [[3, 1, -1, -1], [-1] * 4, [-1] * 4, [7, 8, 9, -1]]
+
+
+def test_too_many_labels_is_an_error_not_a_truncation():
+    import pyarrow as pa
+
     with pytest.raises(ValueError, match="max_labels=3"):
-        transform(frame)
+        reader.padded(pa.array([[1, 2], [1, 2, 3, 4]]), 3, np.int32, -1)
+
+
+@pytest.mark.parametrize("workers_count", [0, 2])
+def test_reader_keeps_one_split_and_pads_labels(spark, tmp_path, workers_count):
+    from petastorm.etl.dataset_metadata import materialize_dataset
+
+    rows = make_rows()
+    for i, row in enumerate(rows):
+        row["split"] = "val" if i % 3 == 0 else "train"
+    url = "file://" + str(tmp_path / "mixed")
+    frame = spark.createDataFrame([schema.as_row(r) for r in rows], schema.spark_schema())
+    with materialize_dataset(spark, url, schema.MLImagesSchema, 1):
+        frame.repartitionByRange(3, "image_id").write.parquet(url)
+    fields = ["image_id", "classes", "confidences"]
+    got = {}
+    with reader.open_reader(url, fields, max_labels=8, split="val",
+                            workers_count=workers_count) as batches:
+        for batch in batches:
+            assert batch.classes.shape[1:] == (8,) and batch.confidences.dtype == np.float32
+            columns = batch.image_id, batch.classes, batch.confidences
+            for image_id, classes, confidences in zip(*columns, strict=True):
+                got[int(image_id)] = (classes, confidences)
+    wanted = {r["image_id"]: r for r in rows if r["split"] == "val"}
+    assert set(got) == set(wanted)
+    for image_id, (classes, confidences) in got.items():
+        n = len(wanted[image_id]["classes"])
+        assert classes[:n].tolist() == wanted[image_id]["classes"]
+        assert (classes[n:] == reader.PAD_CLASS).all() and (confidences[n:] == 0).all()
+        np.testing.assert_allclose(confidences[:n], wanted[image_id]["confidences"], rtol=1e-6)
 
 
 def test_thread_pool_readers_never_end_early(small_dataset):

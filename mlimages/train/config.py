@@ -57,7 +57,9 @@ class DataConfig:
     # Label lists are padded to this length for make_batch_reader (longer lists are an error).
     max_labels: int = 256
     shuffle_buffer: int = 2048
-    reader_workers: int = 2
+    # Reader threads; -1: none for local files (rows are read on the input pipeline's own
+    # thread), 4 for object stores, whose latency must overlap with decoding.
+    reader_workers: int = -1
     map_parallelism: int = 4
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -257,6 +259,8 @@ def validate(config) -> None:
                           f"{config.schedule.optimizer!r}")
     if config.data.batch_size < 1 or config.data.image_size < 32:
         raise ConfigError("data.batch_size must be >= 1 and data.image_size >= 32")
+    if config.data.reader_workers < -1:
+        raise ConfigError("data.reader_workers must be -1 (automatic), 0 or more")
     if not 0 <= config.loss.neg_select <= 1:
         raise ConfigError(f"loss.neg_select must be in [0, 1], got {config.loss.neg_select}")
 

@@ -14,12 +14,11 @@ import contextlib
 import logging
 import math
 
-import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import tensorflow as tf
 
-from mlimages.reader import patch_petastorm_thread_pool
+from mlimages.reader import dense_labels, open_reader
 from mlimages.runtime import UserError
 from mlimages.train.config import AugmentConfig, DataConfig
 
@@ -58,16 +57,9 @@ def steps_per_epoch(rows: int, batch_size: int, ranks: int) -> int:
 
 def shard_rows(url: str, rank: int, ranks: int, split: str = "") -> int:
     """Rows of one rank's shard, read from one small column (one pass, no images)."""
-    from petastorm import make_batch_reader
-
-    column = "split" if split else "image_id"
-    patch_petastorm_thread_pool()  # else a thread-pool reader may count no rows
     try:
-        with make_batch_reader(_dataset_url(url), schema_fields=[column], num_epochs=1,
-                               shuffle_row_groups=False, cur_shard=rank, shard_count=ranks,
-                               workers_count=1) as reader:
-            if split:
-                return int(sum((batch.split == split).sum() for batch in reader))
+        with open_reader(_dataset_url(url), ["image_id"], split=split, shard=rank,
+                         num_shards=ranks, workers_count=0) as reader:
             return int(sum(len(batch.image_id) for batch in reader))
     except Exception as err:  # petastorm raises several types for a bad or too small dataset
         raise UserError(f"cannot read {url} as shard {rank}/{ranks}: {err}") from None
@@ -77,68 +69,26 @@ def _dataset_url(url: str) -> str:
     return url if "://" in url else "file://" + url
 
 
-def _pad_labels(max_labels: int):
-    """TransformSpec function: pads the label lists, which make_batch_reader needs equal-length."""
-    def pad(frame):
-        classes = np.full((len(frame), max_labels), -1, np.int32)
-        confidences = np.zeros((len(frame), max_labels), np.float32)
-        pairs = zip(frame["classes"], frame["confidences"], strict=True)
-        for row, (cls, conf) in enumerate(pairs):
-            n = len(cls)
-            if n > max_labels:
-                raise ValueError(f"image has {n} labels, more than data.max_labels={max_labels}")
-            classes[row, :n] = cls
-            confidences[row, :n] = conf
-        # Only the selected fields may leave the transform (``split`` is read for the predicate).
-        frame = frame[list(FIELDS)].copy()
-        frame["classes"] = list(classes)
-        frame["confidences"] = list(confidences)
-        return frame
-    return pad
-
-
 @contextlib.contextmanager
 def petastorm_rows(url: str, rank: int, ranks: int, config: DataConfig, split: str,
                    seed: int, repeat: bool):
     """A dataset of single rows (dicts of FIELDS) from this rank's shard; stops the reader."""
-    from petastorm import make_batch_reader
-    from petastorm.predicates import in_lambda
     from petastorm.tf_utils import make_petastorm_dataset
-    from petastorm.transform import TransformSpec
 
-    spec = TransformSpec(
-        _pad_labels(config.max_labels),
-        edit_fields=[("classes", np.int32, (config.max_labels,), False),
-                     ("confidences", np.float32, (config.max_labels,), False)],
-        selected_fields=list(FIELDS))
     # Horovod: each rank reads the row groups of its own shard.
-    options = dict(
-        schema_fields=list(FIELDS) + (["split"] if split else []),
-        reader_pool_type="thread", workers_count=config.reader_workers,
-        num_epochs=None if repeat else 1, shuffle_row_groups=repeat, seed=seed,
-        cur_shard=rank, shard_count=ranks, transform_spec=spec)
-    if split:
-        options["predicate"] = in_lambda(["split"], lambda value, want=split: value == want)
-    patch_petastorm_thread_pool()  # else a thread-pool reader may yield no rows
     try:
-        reader = make_batch_reader(_dataset_url(url), **options)
+        reader = open_reader(
+            _dataset_url(url), FIELDS, max_labels=config.max_labels, split=split, shard=rank,
+            num_shards=ranks, num_epochs=None if repeat else 1, shuffle=repeat, seed=seed,
+            workers_count=config.reader_workers)
     except Exception as err:  # petastorm raises several types for a bad or empty shard
         raise UserError(f"cannot read {url} as shard {rank}/{ranks}: {err}") from None
     try:
-        batches = make_petastorm_dataset(reader)
-        rows = batches.map(lambda b: {name: getattr(b, name) for name in FIELDS}).unbatch()
-        yield rows
+        batches = make_petastorm_dataset(reader).prefetch(2)
+        yield batches.map(lambda b: {name: getattr(b, name) for name in FIELDS}).unbatch()
     finally:
         reader.stop()
         reader.join()
-
-
-def dense_labels(classes, confidences, num_classes: int):
-    """Sparse (index, confidence) pairs, padded with -1 indices, to a dense [C] vector."""
-    valid = classes >= 0
-    index = tf.boolean_mask(classes, valid)
-    value = tf.boolean_mask(confidences, valid)
-    return tf.scatter_nd(tf.expand_dims(index, 1), value, [num_classes])
 
 
 def top_label(classes, confidences):
@@ -218,7 +168,7 @@ def _parser(config: DataConfig, size: int, num_classes: int, training: bool, sin
         if single_label:
             label = top_label(row["classes"], row["confidences"])
         else:
-            label = dense_labels(row["classes"], row["confidences"], num_classes)
+            label = dense_labels(row["classes"], row["confidences"], num_classes, soft=True)
         return image, label
     return parse
 
