@@ -139,9 +139,9 @@ def _key_columns(fields):
 
 
 def with_best_labels(frame: DataFrame, source: str, target: str, unique=None) -> DataFrame:
-    """Adds ``target``: the ``(class, confidence)`` structs of ``source`` sorted by class, with
-    only the highest confidence of each class. Rows where ``unique`` holds skip the search
-    for repeated classes.
+    """Adds ``target``: the ``(class, confidence)`` structs of ``source`` with only the highest
+    confidence of each class. Rows where the column ``unique`` is true are taken as they are;
+    the others are sorted by class to find the repeats.
 
     The sorted array is materialised as a column first: the filter's lambda looks at the next
     element, and an expression there would be re-evaluated for every element.
@@ -150,9 +150,12 @@ def with_best_labels(frame: DataFrame, source: str, target: str, unique=None) ->
     last = F.size(ordered) - 1
     best = F.filter(ordered, lambda x, i: (i == last)
                     | (F.get(ordered, i + 1)["class"] != x["class"]))
-    return (frame.withColumn("_sorted_labels", F.sort_array(source))
-            .withColumn(target, best if unique is None
-                        else F.when(unique, ordered).otherwise(best))
+    if unique is None:
+        return (frame.withColumn("_sorted_labels", F.sort_array(source))
+                .withColumn(target, best).drop("_sorted_labels"))
+    # Sorting structs is the dearest step of the parse; most rows need none.
+    return (frame.withColumn("_sorted_labels", F.when(~F.col(unique), F.sort_array(source)))
+            .withColumn(target, F.when(F.col(unique), F.col(source)).otherwise(best))
             .drop("_sorted_labels"))
 
 
@@ -218,13 +221,14 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
                           F.slice("fields", F.col("terms_from"), F.size("fields"))))
     parsed = _labelled_terms(parsed, num_classes)
     unique = F.col("plain") & (F.size(F.array_distinct("plain_class")) == F.size("plain_class"))
-    parsed = with_best_labels(parsed, "good_labels", "labels", unique)
+    parsed = with_best_labels(parsed.withColumn("unique", unique), "good_labels", "labels",
+                              "unique")
     row_reason = (F.when(F.col("blank"), None)
                   .when(~F.is_valid_utf8("raw"), "non_utf8")
                   .when(F.length("raw") > options.max_line_chars, "line_too_long")
                   .when(F.col("key_reason").isNotNull(), F.col("key_reason"))
                   .when(F.size("good_labels") == 0, "no_labels"))
-    file_name = F.element_at(F.split("path", "/"), -1)
+    file_name = F.substring_index("path", "/", -1)
     return parsed.withColumn("row_reason", row_reason).select(
         "path", "block_start", "row_id", file_name.alias("file"), "blank", "row_reason",
         # The raw text is kept only where the quarantine needs it: most rows are clean.

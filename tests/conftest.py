@@ -16,6 +16,7 @@ def spark():
         "spark.default.parallelism": "4",
         "spark.ui.enabled": "false",
         "spark.driver.memory": "2g",
+        "spark.driver.extraJavaOptions": "-XX:-DontCompileHugeMethods",  # as the profiles
     })
     yield session
     session.stop()
