@@ -1,6 +1,8 @@
-"""Reading the dataset into TensorFlow: petastorm ``make_batch_reader`` -> ``tf.data.Dataset``.
+"""Reading the dataset into TensorFlow: a petastorm batch reader -> ``tf.data.Dataset``.
 
-:func:`make_tf_dataset` is the one entry point: a context manager yielding batches of
+:func:`open_reader` gives the petastorm ``Reader`` (what ``make_batch_reader`` builds, with a
+worker that pads the label lists in Arrow). :func:`make_tf_dataset` is the entry point for
+training code: a context manager yielding batches of
 ``(images, labels)``: images float32 ``[batch, size, size, 3]`` scaled to [-1, 1], labels
 float32 ``[batch, num_classes]``, multi-hot (1.0 for each listed class) or soft (the stored
 confidences). Training batches get the upstream augmentation's crop and flip; evaluation
