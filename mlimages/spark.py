@@ -64,10 +64,27 @@ def build_session(app_name: str, master=None, conf=None):
         builder = builder.config(key, str(value))
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
+    warn_missing_driver_options(session, (conf or {}).get("spark.driver.extraJavaOptions", ""))
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     log.info("Spark %s, master %s, app %s", session.version, chosen, app_name)
     return session
+
+
+def warn_missing_driver_options(session, options: str) -> list:
+    """Logs, and returns, the JVM options asked for the driver that its JVM did not start with.
+
+    spark-submit starts the driver JVM before the job reads its profile, so a profile's
+    ``spark.driver.extraJavaOptions`` only applies when it is given to spark-submit itself.
+    """
+    runtime = session.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean()
+    started_with = set(runtime.getInputArguments())
+    missing = [option for option in options.split() if option not in started_with]
+    if missing:
+        log.warning("the driver JVM runs without %s; pass it to spark-submit: --conf "
+                    "spark.driver.extraJavaOptions=%s (see README, Benchmarks)",
+                    " ".join(missing), options)
+    return missing
 
 
 @contextlib.contextmanager

@@ -16,16 +16,21 @@ SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
 def test_spark_submit_runs_ingest_then_labels(tmp_path, python_env, hierarchy_path,
                                               sample_urls_path):
     out = tmp_path / "run"
-    for job, args in (("ingest", [sample_urls_path]),
-                      ("labels", ["--ingest", str(out / "ingest")])):
+    jit = "spark.driver.extraJavaOptions=-XX:-DontCompileHugeMethods"
+    for job, submit_conf, args in (("ingest", [], [sample_urls_path]),
+                                   ("labels", ["--conf", jit], ["--ingest", str(out / "ingest")])):
         done = subprocess.run(
-            [SPARK_SUBMIT, "--master", "local[1]", os.path.join(ROOT, "jobs", f"{job}.py"),
+            [SPARK_SUBMIT, "--master", "local[1]", *submit_conf,
+             os.path.join(ROOT, "jobs", f"{job}.py"),
              "--hierarchy", hierarchy_path, "--output", str(out / job), *args],
             env=python_env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         # spark-submit passes the Python driver's stderr on through its own stdout
         assert f"{job} finished" in done.stdout, done.stdout[-3000:]
         assert "master local[1]," in done.stdout  # spark-submit's master wins over the profile
+        # The profile's driver JVM option cannot reach a JVM spark-submit already started.
+        warned = "driver JVM runs without -XX:-DontCompileHugeMethods" in done.stdout
+        assert warned == (not submit_conf), done.stdout[-3000:]
     summary = json.loads((out / "labels" / "_summary.json").read_text())
     assert (summary["tags_before"], summary["tags_after"]) == (827, 1103)
 
@@ -58,3 +63,13 @@ def test_profiles_parse_and_name_known_sections():
         profile = config.load_profile(name)
         assert {"spark", "ingest", "labels"} <= set(profile)
         assert config.spark_conf(profile)["spark.sql.adaptive.enabled"] == "true"
+
+
+def test_driver_options_missing_from_the_running_jvm_are_named(spark, caplog):
+    from mlimages.spark import warn_missing_driver_options
+
+    assert warn_missing_driver_options(spark, "-XX:-DontCompileHugeMethods") == []
+    assert not caplog.records
+    missing = warn_missing_driver_options(spark, "-XX:-DontCompileHugeMethods -Dabsent.flag=1")
+    assert missing == ["-Dabsent.flag=1"]
+    assert "pass it to spark-submit" in caplog.text
