@@ -34,6 +34,7 @@ MISSING_OBJECT = "missing_object"          # the manifest's object_key is not in
 STORE_ERROR = "store_error"                # the store failed to return it
 NO_CLASSES_LEFT = "no_classes_after_filter"  # the class filter removed every label
 CLASS_FILTERS = ("all", "trainable")
+PARQUET_CODECS = ("uncompressed", "snappy", "gzip", "lz4", "zstd")
 
 # A prepared row: the dataset fields, then what happened to it.
 PREPARED_SCHEMA = T.StructType(
@@ -60,6 +61,8 @@ class DatasetOptions:
     files: int = 0
     rows_per_file: int = 2000
     row_group_size_mb: int = 16
+    # JPEG bytes do not compress: a codec only costs CPU on every read of every epoch.
+    compression: str = "uncompressed"
     # Images fetched and prepared at once in each task (Pillow releases the GIL while coding).
     read_threads: int = 8
     # Image preparation (see imageprep.PrepOptions).
@@ -78,6 +81,9 @@ class DatasetOptions:
         if not 0 < self.sample_fraction <= 1:
             raise runtime.UserError(
                 f"dataset.sample_fraction {self.sample_fraction}: expected 0 < f <= 1")
+        if self.compression not in PARQUET_CODECS:
+            raise runtime.UserError(
+                f"dataset.compression {self.compression!r}: expected one of {PARQUET_CODECS}")
         if self.rows_per_file < 1 or self.files < 0 or self.read_threads < 1:
             raise runtime.UserError("dataset: rows_per_file and read_threads must be >= 1, "
                                     "files >= 0")
@@ -217,7 +223,7 @@ def write_split(spark: SparkSession, prepared: DataFrame, url: str, options: Dat
 
     rows = prepared.where(F.col("status") == OK).select(*schema.FIELD_NAMES)
     with materialize_dataset(spark, url, schema.MLImagesSchema, options.row_group_size_mb):
-        rows.write.mode("overwrite").parquet(url)
+        rows.write.mode("overwrite").option("compression", options.compression).parquet(url)
         drop_empty_files(url)
 
 

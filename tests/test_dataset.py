@@ -142,6 +142,18 @@ def test_file_count_and_row_groups_follow_the_options(built, fixture_items):
         assert len(files) == facts["files"]
         rows = [pq.ParquetFile(os.path.join(folder, f)).metadata.num_rows for f in files]
         assert sum(rows) == ok and min(rows) > 0
+        assert codecs(folder) == {"UNCOMPRESSED"}  # the default: JPEG bytes do not compress
+
+
+def codecs(folder: str) -> set:
+    """Compression codecs of every column chunk in the Parquet files of ``folder``."""
+    found = set()
+    for name in os.listdir(folder):
+        if name.endswith(".parquet"):
+            meta = pq.ParquetFile(os.path.join(folder, name)).metadata
+            found |= {meta.row_group(g).column(c).compression
+                      for g in range(meta.num_row_groups) for c in range(meta.num_columns)}
+    return found
 
 
 def test_rejects_table_names_each_failed_image(spark, built, fixture_items):
@@ -180,7 +192,8 @@ def test_trainable_filter_drops_rare_classes(spark, inputs, fixture_items, tmp_p
     assert 8 not in trainable  # the fixture is built so class 8 is rare
     output = str(tmp_path / "out")
     summary = dataset.run_dataset(spark, inputs["labels"], inputs["download"], output,
-                                  options(class_filter="trainable", splits=["val"]))
+                                  options(class_filter="trainable", splits=["val"],
+                                          compression="zstd"))
     rare = dataset_inputs.Item("rare.jpg", b"", "", [], []).image_id
     rejects = {r["image_id"]: r["reason"] for r in spark.read.parquet(f"{output}/rejects")
                .collect()}
@@ -191,6 +204,7 @@ def test_trainable_filter_drops_rare_classes(spark, inputs, fixture_items, tmp_p
     val_items = [i for i in joined_items(fixture_items) if i.split == "val"]
     assert summary["joined"] == len(val_items)
     assert summary["all_joined_rows_accounted"] is True
+    assert codecs(f"{output}/val") == {"ZSTD"}
 
 
 def test_sample_is_deterministic_and_near_the_fraction(spark):
@@ -207,6 +221,8 @@ def test_bad_options_are_user_errors():
         dataset.DatasetOptions(class_filter="rare")
     with pytest.raises(runtime.UserError):
         dataset.DatasetOptions(sample_fraction=0)
+    with pytest.raises(runtime.UserError, match="compression"):
+        dataset.DatasetOptions(compression="jpeg")
 
 
 @pytest.mark.slow
