@@ -17,7 +17,7 @@ def _main(argv=None) -> int:
 
     def body(spark, profile):
         options, store = download.options_from_profile(profile, args.output)
-        if args.threads:
+        if args.threads is not None:
             options = download.replace(options, threads=args.threads)
         download.run_download(spark, args.images, args.output, options, store,
                               retry_failed=args.retry_failed)

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 DEFAULT_PROFILE = "local"
+SECTIONS = ("spark", "ingest", "labels", "download", "store", "stats", "dataset")
 
 
 class ConfigError(ValueError):
@@ -37,10 +38,13 @@ def load_profile(name_or_path: str = DEFAULT_PROFILE) -> dict:
     with open(path, encoding="utf-8") as handle:
         try:
             profile = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as err:
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(profile, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(profile) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; allowed: {list(SECTIONS)}")
     profile["_path"] = path
     return profile
 

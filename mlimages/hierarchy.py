@@ -94,12 +94,17 @@ def load_hierarchy(path: str) -> Hierarchy:
     """Reads and validates the hierarchy file; raises :class:`HierarchyError` on any defect."""
     rows = []
     with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if number == 1 and not line.split("\t", 1)[0].strip().lstrip("-").isdigit():
-                continue  # header
-            rows.append(_parse_line(path, number, line))
+        try:
+            lines = handle.read().splitlines()
+        except UnicodeDecodeError as err:
+            raise HierarchyError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
+                                 "expected the tab-separated hierarchy file") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if number == 1 and not line.split("\t", 1)[0].strip().lstrip("-").isdigit():
+            continue  # header
+        rows.append(_parse_line(path, number, line))
     if not rows:
         raise HierarchyError(f"{path}: no classes found")
     _check_links(path, rows)

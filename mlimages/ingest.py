@@ -38,6 +38,17 @@ class IngestOptions:
     # file name -> number of leading rows that come from ImageNet (legacy combined files)
     imagenet_rows: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        if isinstance(self.max_line_chars, bool) or not isinstance(self.max_line_chars, int) \
+                or self.max_line_chars < 1:
+            raise runtime.UserError(
+                f"ingest.max_line_chars {self.max_line_chars!r}: expected an integer >= 1")
+        if not isinstance(self.imagenet_rows, dict) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for n in self.imagenet_rows.values()):
+            raise runtime.UserError(f"ingest.imagenet_rows {self.imagenet_rows!r}: expected a "
+                                    "mapping of file name to a row count >= 0")
+
 
 def infer_split(path: str, default=None) -> str:
     """``train`` or ``val`` from an annotation file's name, else ``default``."""
@@ -231,9 +242,12 @@ def parse_rows(lines: DataFrame, num_classes: int, options: IngestOptions,
     file_name = F.substring_index("path", "/", -1)
     return parsed.withColumn("row_reason", row_reason).select(
         "path", "block_start", "row_id", file_name.alias("file"), "blank", "row_reason",
-        # The raw text is kept only where the quarantine needs it: most rows are clean.
+        # The raw text is kept only where the quarantine needs it: most rows are clean. It is
+        # made valid UTF-8 (U+FFFD for bad bytes) so every Parquet reader can open the table,
+        # and capped like the lines themselves.
         F.when(F.col("row_reason").isNotNull() | (F.size("bad_terms") > 0),
-               F.col("raw")).alias("raw"), "key", "url", "imagenet_id",
+               F.substring(F.make_valid_utf8("raw"), 1, options.max_line_chars))
+        .alias("raw"), "key", "url", "imagenet_id",
         "shape_is_imagenet", _split_column(file_name, split_of).alias("split"),
         F.xxhash64("key").alias("image_id"),
         "labels", (F.size("good_labels") - F.size("labels")).alias("repeated_in_row"),
@@ -276,7 +290,8 @@ def merge_duplicate_keys(kept: DataFrame) -> DataFrame:
         repeated = F.broadcast(repeated)  # so the kept rows are never shuffled for the joins
     singles = (kept.join(repeated, "image_id", "left_anti")
                .select(*IMAGE_COLUMNS, F.lit(0).alias("merged_rows"), "labels"))
-    first = F.min_by(F.struct(*IMAGE_COLUMNS), "line_number")
+    # The first row in file-name order (the summary's order of files), then line order.
+    first = F.min_by(F.struct(*IMAGE_COLUMNS), F.struct("file", "line_number"))
     merged = (kept.join(repeated, "image_id")
               .groupBy("image_id")
               .agg(first.alias("first"), F.max("url").alias("any_url"),

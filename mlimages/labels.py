@@ -76,6 +76,7 @@ def run_labels(spark: SparkSession, ingest_dir: str, hierarchy_path: str, output
     closure = hierarchy.ancestor_closure(spark, classes_info).cache()
     images = spark.read.parquet(f"{ingest_dir}/images").select("image_id", "split", "source")
     labels = spark.read.parquet(f"{ingest_dir}/labels")
+    check_classes_known(labels, len(classes_info.classes), ingest_dir, hierarchy_path)
 
     augmented = augment(labels, closure, options.partitions)
     image_labels = augmented.join(images, "image_id").select(
@@ -94,6 +95,21 @@ def run_labels(spark: SparkSession, ingest_dir: str, hierarchy_path: str, output
     return summary
 
 
+def check_classes_known(labels: DataFrame, num_classes: int, ingest_dir: str,
+                        hierarchy_path: str) -> None:
+    """Refuses labels whose class the hierarchy lacks: the join would drop them silently.
+
+    This happens when ingest ran with another hierarchy file. Indexes are contiguous (the
+    loader checks), so the class range is enough.
+    """
+    low, high = labels.agg(F.min("class"), F.max("class")).first()
+    if low is not None and (low < 0 or high >= num_classes):
+        raise runtime.UserError(
+            f"{ingest_dir}/labels holds classes {low}..{high} but {hierarchy_path} has "
+            f"{num_classes} classes (0..{num_classes - 1}); run labels with the hierarchy "
+            "file that ingest used")
+
+
 def _summary(spark, image_labels: DataFrame, counts_path: str, ingest_dir: str) -> dict:
     totals = image_labels.agg(
         F.count("*").alias("images"),
@@ -104,10 +120,14 @@ def _summary(spark, image_labels: DataFrame, counts_path: str, ingest_dir: str) 
         F.count_if(F.col("tags_before") == F.size("classes")).alias("images_already_closed"),
     ).first().asDict()
     images_in = spark.read.parquet(f"{ingest_dir}/images").count()
+    labels_in = spark.read.parquet(f"{ingest_dir}/labels").count()
+    if labels_in != totals["tags_before"]:
+        raise RuntimeError(f"labels lost input labels: {labels_in} read, "
+                           f"{totals['tags_before']} joined")
     counts = spark.read.parquet(counts_path)
     summary = {k: int(v or 0) for k, v in totals.items()}
     summary.update(
-        images_in=images_in,
+        images_in=images_in, labels_in=labels_in,
         images_without_labels=images_in - summary["images"],
         trainable_classes=counts.where("trainable").count(),
         classes_with_images=counts.where("train_images + val_images > 0").count())

@@ -3,6 +3,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 from mlimages import config, hierarchy, spark
@@ -18,7 +19,9 @@ class UserError(Exception):
     """A mistake in the job's input or options; reported as one line, without a stack trace."""
 
 
-USER_ERRORS = (UserError, config.ConfigError, hierarchy.HierarchyError, FileNotFoundError)
+# OS errors about paths the user named (a folder given for a file, no permission) count too.
+USER_ERRORS = (UserError, config.ConfigError, hierarchy.HierarchyError, FileNotFoundError,
+               IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def job_parser(job: str, description: str, example: str) -> argparse.ArgumentParser:
@@ -34,6 +37,19 @@ def job_parser(job: str, description: str, example: str) -> argparse.ArgumentPar
     return parser
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes: notebooks and test runners
+    replace it, and a handler bound to the old stream would write to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Sends this package's log records to stderr at ``level``.
 
@@ -43,7 +59,7 @@ def setup_logging(level: str = "INFO") -> None:
     package = logging.getLogger("mlimages")
     package.setLevel(level.upper())
     if not any(getattr(h, "mlimages_handler", False) for h in package.handlers):
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.mlimages_handler = True
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         package.addHandler(handler)

@@ -21,8 +21,16 @@ def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
         "--master", default=None,
         help="Spark master URL; default: the one spark-submit gives, else the profile's")
     group.add_argument(
-        "--spark-conf", action="append", default=[], metavar="KEY=VALUE",
+        "--spark-conf", action="append", default=[], metavar="KEY=VALUE", type=conf_pair,
         help="extra Spark setting, repeatable (overrides the profile)")
+
+
+def conf_pair(text: str) -> str:
+    """argparse type of ``--spark-conf``: a malformed pair is a usage error, not a trace."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
 
 
 def parse_conf_pairs(pairs) -> dict:

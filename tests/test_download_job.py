@@ -2,6 +2,7 @@
 reruns fetch nothing new, --retry-failed refetches only failures, S3 through moto, stand-ins."""
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -226,3 +227,27 @@ def test_empty_input_gives_an_empty_manifest(spark, tmp_path):
     summary = download.run_download(spark, str(images), str(tmp_path / "out"), job_options())
     assert (summary["rows_in"], summary["rows_out"], summary["unaccounted"]) == (0, 0, 0)
     assert pq.read_table(tmp_path / "out" / "manifest").num_rows == 0
+
+
+def test_store_root_is_recorded_absolute(tmp_path, monkeypatch):
+    """Later stages may run from another folder: a relative root must not follow them."""
+    monkeypatch.chdir(tmp_path)
+    options = storage.store_options({}, "runs/x/download/objects")
+    storage.record_store("runs/x/download", options)
+    monkeypatch.chdir("/")
+    with open(tmp_path / "runs/x/download/_store.json", encoding="utf-8") as handle:
+        recorded = json.load(handle)
+    assert recorded["root"] == str(tmp_path / "runs/x/download/objects")
+    store = storage.open_run_store(str(tmp_path / "runs/x/download"))
+    key = store.key_for("ab" * 32, "jpg")
+    store.put(key, b"bytes")
+    assert (tmp_path / "runs/x/download/objects" / key).read_bytes() == b"bytes"
+
+
+def test_zero_threads_on_the_command_line_is_a_user_error(spark, tmp_path, caplog):
+    from mlimages_jobs import download as download_job
+
+    code = download_job._main(["--threads", "0", "--images", str(tmp_path / "images"),
+                               "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "download.threads" in caplog.text

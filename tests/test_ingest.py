@@ -88,6 +88,44 @@ def test_row_level_quarantine_keeps_raw_line(messy_run):
     assert raw == "ftp://a.example/6.jpg 5:1"
 
 
+def test_quarantine_raw_text_is_valid_utf8_and_capped(messy_run, tmp_path):
+    import duckdb
+    import pyarrow.parquet as pq
+
+    _, tables = messy_run
+    raw = {r["line_number"]: r["raw"] for r in tables["quarantine"].collect()}
+    assert raw[6] == "http://a.example/4.jpg\t5:1\ufffd"
+    assert raw[7] == MESSY_LINES[6].decode()[:300]
+    # Readers that insist on valid UTF-8 open the whole table.
+    folder = tables["quarantine"].inputFiles()[0].rsplit("/", 1)[0].removeprefix("file:")
+    frame = pq.read_table(folder).to_pandas()
+    assert len(frame) == tables["quarantine"].count()
+    got = duckdb.sql(f"select raw from read_parquet('{folder}/*.parquet') "
+                     "where line_number = 6").fetchall()
+    assert got == [(raw[6],)]
+
+
+def test_key_in_train_and_val_keeps_the_first_file_by_name(spark, tmp_path):
+    (tmp_path / "a_train.txt").write_text("http://x.example/0.jpg 5:1\n"
+                                          "http://x.example/1.jpg 5:1\n"
+                                          "http://x.example/dup.jpg 6:1\n")
+    (tmp_path / "b_val.txt").write_text("http://x.example/dup.jpg 7:0.5\n")
+    ingest.run_ingest(spark, [str(tmp_path / "*.txt")], NUM_CLASSES, str(tmp_path / "out"),
+                      ingest.IngestOptions())
+    images = spark.read.parquet(str(tmp_path / "out" / "images"))
+    dup = images.where(F.col("key") == "http://x.example/dup.jpg").first()
+    # The val row has the smaller line number; the train file still comes first.
+    assert (dup["split"], dup["file"], dup["line_number"], dup["merged_rows"]) == (
+        "train", "a_train.txt", 3, 1)
+
+
+def test_bad_ingest_options_are_user_errors():
+    for bad in ({"max_line_chars": "lots"}, {"max_line_chars": -5}, {"max_line_chars": True},
+                {"imagenet_rows": {"train_urls.txt": -1}}, {"imagenet_rows": ["x"]}):
+        with pytest.raises(runtime.UserError, match="ingest."):
+            ingest.IngestOptions(**bad)
+
+
 def test_bad_terms_are_quarantined_and_good_terms_kept(messy_run):
     summary, tables = messy_run
     assert _quarantine(tables, "term") == [
@@ -198,3 +236,22 @@ def test_job_reports_user_mistakes_without_traceback(tmp_path, hierarchy_path, c
     assert "PATH_NOT_FOUND" in errors[0] and "missing.txt" in errors[0]
     assert "nope.txt" in errors[1]
     assert not os.path.exists(tmp_path / "o" / "images")
+
+
+def test_wrong_hierarchy_files_and_spark_conf_are_user_errors(tmp_path, hierarchy_path, capfd,
+                                                              caplog):
+    binary = tmp_path / "photo.jpg"
+    binary.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    for wrong in (binary, tmp_path):
+        code = ingest_job._main(["--hierarchy", str(wrong), "--output", str(tmp_path / "o"),
+                                 hierarchy_path])
+        assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "not UTF-8" in errors[0] and "photo.jpg" in errors[1 - 1]
+    assert "Is a directory" in errors[1]
+    with pytest.raises(SystemExit) as exit_info:
+        ingest_job._main(["--spark-conf", "spark.sql.shuffle.partitions", "--hierarchy",
+                          hierarchy_path, "--output", str(tmp_path / "o"), hierarchy_path])
+    assert exit_info.value.code == 2
+    err = capfd.readouterr().err
+    assert "expected KEY=VALUE" in err and "Traceback" not in err

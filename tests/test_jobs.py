@@ -53,9 +53,15 @@ def test_bad_profile_and_spark_conf_are_user_errors(tmp_path, caplog, hierarchy_
     bad = tmp_path / "bad.yaml"
     bad.write_text("labels:\n  trainable_treshold: 5\n")
     assert labels_job._main([*args, "--profile", str(bad)]) == 2
+    section = tmp_path / "section.yaml"
+    section.write_text("lables:\n  trainable_threshold: 5\n")
+    assert labels_job._main([*args, "--profile", str(section)]) == 2
+    assert labels_job._main([*args, "--profile", str(tmp_path)]) == 2  # a folder
     messages = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     assert "no profile 'nowhere'" in messages
     assert "unknown key(s) ['trainable_treshold']" in messages
+    assert "unknown section(s) ['lables']" in messages
+    assert "Is a directory" in messages
 
 
 def test_profiles_parse_and_name_known_sections():

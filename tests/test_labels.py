@@ -63,6 +63,32 @@ def test_sample_tag_counts(sample_run, expected):
                                         SAMPLE_ALREADY_CLOSED)
     assert summary["images_already_closed"] == closed
     assert summary["images"] == summary["images_in"] == 100
+    assert summary["labels_in"] == before
+
+
+def test_labels_refuse_a_hierarchy_other_than_ingest_used(sample_run, hierarchy_path,
+                                                          tmp_path, spark):
+    from mlimages import runtime
+
+    _, out = sample_run
+    # A valid hierarchy of the first 5,000 classes: its parents all come before 5,000 here.
+    with open(hierarchy_path, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    kept = [lines[0]] + [line for line in lines[1:]
+                         if int(line.split("\t")[0]) < 5000 and int(line.split("\t")[2]) < 5000]
+    assert len(kept) == 5001
+    small = tmp_path / "small_hierarchy.txt"
+    small.write_text("".join(kept), encoding="utf-8")
+    high = max(cls for cls in _label_classes(spark, out / "ingest"))
+    assert high >= 5000  # the sample has labels the small hierarchy lacks
+    with pytest.raises(runtime.UserError, match="has 5000 classes"):
+        labels.run_labels(spark, str(out / "ingest"), str(small), str(tmp_path / "labels"),
+                          labels.LabelsOptions())
+    assert not (tmp_path / "labels" / "image_labels").exists()
+
+
+def _label_classes(spark, ingest_dir):
+    return [r["class"] for r in spark.read.parquet(str(ingest_dir / "labels")).collect()]
 
 
 def test_each_image_matches_parent_walk(spark, sample_run, expected):

@@ -131,10 +131,15 @@ def test_config_layers_defaults_yaml_and_overrides(tmp_path):
     assert c.data.augment.flip is False and c.data.augment.area_range == (0.7, 1.0)
     f = config.load(config.FinetuneConfig, "", ["data.image_size=64"])
     assert f.data.augment.area_range == (0.05, 1.0) and f.model.num_classes == 1000
-    with pytest.raises(ConfigError, match="unknown key"):
-        config.load(config.PretrainConfig, "", ["model.dept=50"])
-    with pytest.raises(ConfigError, match="not a valid int"):
-        config.load(config.PretrainConfig, "", ["run.max_steps=ten"])
+    # A command-line mistake is named as an override, not blamed on the YAML file.
+    with pytest.raises(ConfigError, match=r"^override\.model: unknown key"):
+        config.load(config.PretrainConfig, str(path), ["model.dept=50"])
+    with pytest.raises(ConfigError, match=r"^override\.run\.max_steps: 'ten' is not a valid int"):
+        config.load(config.PretrainConfig, str(path), ["run.max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"bad\.yaml\.data: unknown key"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("data: {batch_sise: 8}\n")
+        config.load(config.PretrainConfig, str(bad), [])
     with pytest.raises(ConfigError, match="depth"):
         config.load(config.PretrainConfig, "", ["model.depth=34"])
     config.save(c, str(tmp_path / "run"), "pretrain")
@@ -161,3 +166,12 @@ def test_average_precision_against_hand_values():
     assert metrics.precision_recall_f1(3, 1, 2) == pytest.approx((0.75, 0.6, 2 / 3))
     assert metrics.topk_hits(np.array([[0.1, 0.5, 0.4], [0.9, 0.0, 0.1]]), np.array([2, 1]),
                              2) == 1
+
+
+def test_classify_sigmoid_is_stable_at_extreme_logits():
+    from mlimages.train import classify
+
+    logits = np.array([-1000.0, -20.0, 0.0, 20.0, 1000.0])
+    with np.errstate(over="raise", invalid="raise"):
+        got = classify._sigmoid(logits)
+    assert got == pytest.approx([0.0, 1 / (1 + np.exp(20.0)), 0.5, 1 / (1 + np.exp(-20.0)), 1.0])

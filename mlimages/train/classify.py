@@ -132,7 +132,8 @@ def classify(model_dir: str, source: str, top_k: int = 5, image_size: int = 224,
 
 
 def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    # 1 / (1 + e^-x) written through logaddexp, which cannot overflow for large |x|.
+    return np.exp(-np.logaddexp(0.0, -x))
 
 
 def _softmax(x):

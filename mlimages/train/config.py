@@ -238,7 +238,9 @@ def load(cls, path: str = "", overrides=()):
             except yaml.YAMLError as err:
                 raise ConfigError(f"{path}: not valid YAML: {err}") from None
         where = path
-    values = _deep_merge(values, parse_overrides(overrides))
+    tree = parse_overrides(overrides)
+    _build(cls, tree, "override")  # a mistake on the command line is named as such
+    values = _deep_merge(values, tree)
     config = _build(cls, values, where)
     validate(config)
     return config
