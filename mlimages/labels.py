@@ -6,6 +6,7 @@ augmentation on its own output changes nothing, because the closure is transitiv
 """
 import dataclasses
 import logging
+import os
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -71,6 +72,10 @@ def class_counts(image_labels: DataFrame, classes: DataFrame, threshold: int) ->
 def run_labels(spark: SparkSession, ingest_dir: str, hierarchy_path: str, output: str,
                options: LabelsOptions) -> dict:
     """Writes ``image_labels/`` and ``class_counts/`` under ``output``; returns the summary."""
+    if os.path.abspath(output.removeprefix("file://")) == os.path.abspath(
+            ingest_dir.removeprefix("file://")):
+        raise runtime.UserError(f"--output {output} is the ingest folder; give a folder of its "
+                                "own (labels would overwrite ingest's summary)")
     classes_info = hierarchy.load_hierarchy(hierarchy_path)
     classes = hierarchy.classes_frame(spark, classes_info).cache()
     closure = hierarchy.ancestor_closure(spark, classes_info).cache()

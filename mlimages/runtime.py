@@ -74,6 +74,9 @@ def run(job: str, args, body) -> int:
     setup_logging(args.log_level)
     started = time.time()
     try:
+        output = getattr(args, "output", None)
+        if output and os.path.isfile(output.removeprefix("file://")):
+            raise UserError(f"--output {output} is a file; expected a folder")
         profile = config.load_profile(args.profile)
         # an explicit --master, then spark-submit's, then the profile's
         master = args.master or spark.launcher_master() or config.spark_master(profile)

@@ -7,11 +7,19 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
+
+from mlimages.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 _QUIET_LOGGERS = ("py4j", "pyspark")
+
+
+# The master URL forms Spark accepts; anything else would fail inside the JVM launcher.
+MASTER_URL = re.compile(r"^(local(\[(\d+|\*)(,\s*\d+)?\])?|local-cluster\[[\d,\s]+\]"
+                        r"|(spark|k8s|sc)://\S+|yarn)$")
 
 
 def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +75,9 @@ def build_session(app_name: str, master=None, conf=None):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     chosen = master or launcher_master() or "local[2]"
+    if not MASTER_URL.match(chosen):
+        raise ConfigError(f"Spark master {chosen!r}: expected local, local[N], local[*], "
+                          "spark://host:port, yarn or k8s://https://host:port")
     builder = SparkSession.builder.appName(app_name).master(chosen)
     for key, value in (conf or {}).items():
         builder = builder.config(key, str(value))

@@ -64,6 +64,22 @@ def test_bad_profile_and_spark_conf_are_user_errors(tmp_path, caplog, hierarchy_
     assert "Is a directory" in messages
 
 
+def test_bad_master_and_output_paths_are_user_errors(spark, tmp_path, caplog, hierarchy_path):
+    from mlimages.spark import build_session
+
+    # Checked before the JVM launcher sees it (jobs report a ConfigError in one line).
+    with pytest.raises(config.ConfigError, match="Spark master 'lokal\\[2\\]'"):
+        build_session("x", master="lokal[2]")
+    args = ["--ingest", str(tmp_path), "--hierarchy", hierarchy_path]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert labels_job._main([*args, "--output", str(a_file)]) == 2
+    assert labels_job._main([*args, "--output", str(tmp_path)]) == 2  # the ingest folder
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "is a file" in messages[0]
+    assert "is the ingest folder" in messages[1]
+
+
 def test_profiles_parse_and_name_known_sections():
     for name in ("local", "cluster"):
         profile = config.load_profile(name)
