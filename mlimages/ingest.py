@@ -348,7 +348,11 @@ def run_ingest(spark: SparkSession, inputs, num_classes: int, output: str,
     staging = f"{output}/staging_rows"  # removed at the end (Spark skips names with "_")
     parsed = parse_rows(read_lines(spark, inputs), num_classes, options, split_of)
     parsed.write.mode("overwrite").parquet(staging)
-    rows = with_source(with_line_numbers(spark, spark.read.parquet(staging)), options)
+    try:
+        rows = with_source(with_line_numbers(spark, spark.read.parquet(staging)), options)
+    except runtime.UserError:
+        _delete_path(spark, staging)  # nothing else was written
+        raise
     kept = rows.where(F.col("row_reason").isNull() & ~F.col("blank"))
     images = merge_duplicate_keys(kept)
 

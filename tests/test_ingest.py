@@ -119,6 +119,15 @@ def test_key_in_train_and_val_keeps_the_first_file_by_name(spark, tmp_path):
         "train", "a_train.txt", 3, 1)
 
 
+def test_empty_input_is_a_user_error_and_leaves_nothing(spark, tmp_path):
+    (tmp_path / "train_empty.txt").write_bytes(b"")
+    with pytest.raises(runtime.UserError, match="no annotation lines"):
+        ingest.run_ingest(spark, [str(tmp_path / "train_empty.txt")], NUM_CLASSES,
+                          str(tmp_path / "out"), ingest.IngestOptions())
+    assert not (tmp_path / "out" / "staging_rows").exists()
+    assert not (tmp_path / "out" / "images").exists()
+
+
 def test_bad_ingest_options_are_user_errors():
     for bad in ({"max_line_chars": "lots"}, {"max_line_chars": -5}, {"max_line_chars": True},
                 {"imagenet_rows": {"train_urls.txt": -1}}, {"imagenet_rows": ["x"]}):
