@@ -61,8 +61,10 @@ class DownloadOptions:
                 raise runtime.UserError(f"unknown download.fetch option(s) {unknown}; "
                                         f"allowed: {sorted(allowed)}")
             object.__setattr__(self, "fetch", FetchOptions(**given))
-        if self.threads < 1 or self.task_rows < 1:
-            raise runtime.UserError("download.threads and download.task_rows must be >= 1")
+        for name in ("threads", "task_rows"):
+            if getattr(self, name) < 1:
+                raise runtime.UserError(
+                    f"download.{name} {getattr(self, name)!r}: expected an integer >= 1")
 
 
 def options_from_profile(profile: dict, output_path: str):
@@ -312,8 +314,8 @@ def read_images(spark, images_path: str):
     try:
         images = spark.read.parquet(images_path)
     except Exception as err:  # Spark raises AnalysisException for a missing path
-        raise runtime.UserError(f"cannot read images table {images_path}: "
-                                f"{str(err).splitlines()[0]}") from None
+        raise runtime.UserError(f"cannot read images table {images_path} (expected the ingest "
+                                f"output's images/ folder): {str(err).splitlines()[0]}") from None
     missing = [c for c in IMAGE_COLUMNS if c not in images.columns]
     if missing:
         raise runtime.UserError(f"{images_path} lacks column(s) {missing}: "

@@ -54,6 +54,9 @@ class StoreOptions:
         values = dataclasses.asdict(self)
         values.pop("access_key_id")
         values.pop("secret_access_key")
+        if values["backend"] == "local" and values["root"] and "://" not in values["root"]:
+            # Absolute, so later stages find the objects whatever their working directory.
+            values["root"] = os.path.abspath(values["root"])
         return values
 
 
@@ -211,12 +214,8 @@ def record_store(folder: str, options: StoreOptions) -> None:
     """Writes the store description (no credentials) into a run folder for later stages."""
     folder = folder.removeprefix("file://")
     os.makedirs(folder, exist_ok=True)
-    public = options.public()
-    if public.get("backend") == "local" and "://" not in (public.get("root") or "://"):
-        # Absolute, so later stages find the objects whatever their working directory.
-        public["root"] = os.path.abspath(public["root"])
     with open(os.path.join(folder, STORE_FILE), "w", encoding="utf-8") as handle:
-        json.dump(public, handle, indent=2, sort_keys=True)
+        json.dump(options.public(), handle, indent=2, sort_keys=True)
 
 
 def open_run_store(download_output: str, **overrides) -> ObjectStore:

@@ -250,4 +250,4 @@ def test_zero_threads_on_the_command_line_is_a_user_error(spark, tmp_path, caplo
     code = download_job._main(["--threads", "0", "--images", str(tmp_path / "images"),
                                "--output", str(tmp_path / "out")])
     assert code == 2
-    assert "download.threads" in caplog.text
+    assert "download.threads 0: expected an integer >= 1" in caplog.text
