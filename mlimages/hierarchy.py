@@ -95,7 +95,7 @@ def load_hierarchy(path: str) -> Hierarchy:
     rows = []
     with open(path, encoding="utf-8-sig") as handle:
         try:
-            lines = handle.read().splitlines()
+            lines = handle.read().split("\n")  # as iterating the file would split it
         except UnicodeDecodeError as err:
             raise HierarchyError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); "
                                  "expected the tab-separated hierarchy file") from None

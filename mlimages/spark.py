@@ -33,23 +33,13 @@ def add_spark_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra Spark setting, repeatable (overrides the profile)")
 
 
-def conf_pair(text: str) -> str:
-    """argparse type of ``--spark-conf``: a malformed pair is a usage error, not a trace."""
-    key, sep, _ = text.partition("=")
+def conf_pair(text: str) -> tuple:
+    """argparse type of ``--spark-conf``: ``"k=v"`` -> ``("k", "v")``; a malformed pair is a
+    usage error, not a trace."""
+    key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return text
-
-
-def parse_conf_pairs(pairs) -> dict:
-    """Turns ``["k=v", ...]`` into a dict, rejecting entries without ``=``."""
-    conf = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--spark-conf expects KEY=VALUE, got {pair!r}")
-        conf[key.strip()] = value.strip()
-    return conf
+    return key.strip(), value.strip()
 
 
 def launcher_master():
@@ -112,7 +102,7 @@ def session_from_args(args, app_name: str, profile_conf=None):
     from pyspark.sql import SparkSession
 
     conf = dict(profile_conf or {})
-    conf.update(parse_conf_pairs(args.spark_conf))
+    conf.update(args.spark_conf)  # (key, value) pairs, parsed by conf_pair
     existing = SparkSession.getActiveSession()
     session = existing or build_session(app_name, master=args.master, conf=conf)
     try:

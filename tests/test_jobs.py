@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlimages import cli, config
+from mlimages import cli, config, runtime
 from mlimages_jobs import labels as labels_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,3 +95,9 @@ def test_driver_options_missing_from_the_running_jvm_are_named(spark, caplog):
     missing = warn_missing_driver_options(spark, "-XX:-DontCompileHugeMethods -Dabsent.flag=1")
     assert missing == ["-Dabsent.flag=1"]
     assert "pass it to spark-submit" in caplog.text
+
+
+def test_spark_conf_pairs_are_parsed_by_the_job_parser():
+    parser = runtime.job_parser("x", "x", "")
+    args = parser.parse_args(["--spark-conf", "spark.a = 1", "--spark-conf", "spark.b=x=y"])
+    assert dict(args.spark_conf) == {"spark.a": "1", "spark.b": "x=y"}
